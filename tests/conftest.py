@@ -1,0 +1,48 @@
+"""Shared helpers: run a script end to end in a temp dir and read back its TensorBoard scalars."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BANDIT = "tests.toy_envs:ContextBandit-v0"
+
+
+def run_script(script, args, cwd, timeout=600):
+    """`python <ROOT>/<script> <args>` with cwd as the run directory; returns the CompletedProcess."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
+    cmd = [sys.executable, str(ROOT / script), *[str(a) for a in args]]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_scalars(run_dir):
+    """{tag: [(step, value), ...]} from the single TensorBoard event file under run_dir."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def single_run_dir(cwd):
+    runs = list((Path(cwd) / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.fixture
+def run(tmp_path):
+    """run(script, *args) -> (CompletedProcess, run_dir or None), executed inside tmp_path."""
+
+    def _run(script, *args, timeout=600):
+        proc = run_script(script, args, tmp_path, timeout)
+        runs = tmp_path / "runs"
+        run_dir = single_run_dir(tmp_path) if runs.exists() and any(runs.iterdir()) else None
+        return proc, run_dir
+
+    return _run

@@ -1,0 +1,40 @@
+"""Tiny environments with known optima, registered on import (use as `tests.toy_envs:<Id>`)."""
+
+import gymnasium as gym
+import numpy as np
+
+
+class ContextBandit(gym.Env):
+    """One-step episodes. Context s ~ U[-1, 1]^2; reward 1 - ||a - a*(s)||^2 / 4 with a*(s) = center + 0.5 * s.
+
+    The action box is deliberately not [-1, 1] (low -1, high 3 per dimension) so rescaling is exercised. The
+    optimal return is 1 for every context; a uniform-random policy gets about 0.33.
+    """
+
+    center = np.array([1.5, 0.5])
+
+    def __init__(self):
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 3.0, (2,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.s = self.np_random.uniform(-1, 1, 2).astype(np.float32)
+        return self.s.copy(), {}
+
+    def step(self, action):
+        best = self.center + 0.5 * self.s
+        reward = 1.0 - float(np.sum((np.asarray(action, dtype=np.float64) - best) ** 2)) / 4.0
+        return self.s.copy(), reward, True, False, {}
+
+
+class Unbounded(ContextBandit):
+    """Same, with an infinite action box: scripts must refuse it."""
+
+    def __init__(self):
+        super().__init__()
+        self.action_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+
+
+gym.register("ContextBandit-v0", entry_point=ContextBandit)
+gym.register("Unbounded-v0", entry_point=Unbounded)
