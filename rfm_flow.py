@@ -499,9 +499,10 @@ if __name__ == "__main__":
                 for k, v in logs.items():
                     writer.add_scalar(k, v.item(), global_step)
                 writer.add_scalar("charts/temperature", args.temperature, global_step)
-                sps = int(global_step / (time.time() - start_time))
-                print(f"step={global_step} SPS={sps} last_return={last_return:.1f}")
-                writer.add_scalar("charts/SPS", sps, global_step)
+        if global_step % 100 == 0:
+            sps = int(global_step / (time.time() - start_time))
+            print(f"step={global_step} SPS={sps} last_return={last_return:.1f}")
+            writer.add_scalar("charts/SPS", sps, global_step)
 
         if (global_step + 1) % args.eval_every == 0 or global_step + 1 == args.total_timesteps:
             eval_return = evaluate(policy_eval, eval_envs, action_scale, action_bias, device)
