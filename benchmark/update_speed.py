@@ -1,9 +1,11 @@
-"""Time one training update of each script at its default hyperparameters on random replay data.
+"""Time one training update (and one action) of each script at its default hyperparameters on random replay data.
 
-    python benchmark/update_speed.py                       # every script, DMC cheetah-run sizes (obs 17, act 6)
-    python benchmark/update_speed.py --scripts rfm_flow --obs-dim 11 --act-dim 3
+    python benchmark/update_speed.py                                   # every script, cheetah-run / HalfCheetah sizes
+    python benchmark/update_speed.py --obs-dim 11 --act-dim 3          # Hopper sizes
+    python benchmark/update_speed.py --scripts dipo_baseline --env-id HalfCheetah-v5   # DIPO at a per-env table row
 
-Prints one line per script: `<script>: <median> ms/update` (median of --repeats updates after --warmup).
+Prints one line per script: `<script>: <median> ms/update (...)`, the median of --repeats updates after --warmup,
+and the median batch-1 action latency. Runs on the GPU when one is present (--cpu forces the CPU).
 """
 
 import argparse
@@ -43,40 +45,117 @@ def timed(fn, warmup, repeats, device):
     return statistics.median(times)
 
 
-def bench_rfm_flow(obs_dim, act_dim, device, warmup, repeats):
+def bench_rfm_flow(a, device):
     m = importlib.import_module("rfm_flow")
     args = m.Args()
-    actor = m.VelocityField(obs_dim, act_dim).to(device)
-    qf = m.TwinQ(obs_dim, act_dim).to(device)
+    actor = m.VelocityField(a.obs_dim, a.act_dim).to(device)
+    qf = m.TwinQ(a.obs_dim, a.act_dim).to(device)
     qf_target = copy.deepcopy(qf)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr)
-    batch = random_batch(args.batch_size, obs_dim, act_dim, device)
-    if COMPILE:
+    batch = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)
+    if a.compile:
         m.integrate_flow = torch.compile(m.integrate_flow)
-    ms = timed(lambda: m.update(batch, actor, qf, qf_target, actor_opt, q_opt, args), warmup, repeats, device)
-    obs1 = torch.randn(1, obs_dim, device=device)
+    ms = timed(lambda: m.update(batch, actor, qf, qf_target, actor_opt, q_opt, args), a.warmup, a.repeats, device)
+    obs1 = torch.randn(1, a.obs_dim, device=device)
     with torch.no_grad():
-        act_ms = timed(lambda: m.act(actor, qf, obs1, args), warmup, repeats * 4, device)
+        act_ms = timed(lambda: m.act(actor, qf, obs1, args), a.warmup, a.repeats * 4, device)
     return f"rfm_flow: {ms:.1f} ms/update ({act_ms:.2f} ms/action)"
 
 
-BENCHES = {"rfm_flow": bench_rfm_flow}
-COMPILE = False
+def bench_rfm_diffusion(a, device):
+    m = importlib.import_module("rfm_diffusion")
+    args = m.Args()
+    actor = m.NoiseNet(a.obs_dim, a.act_dim, args.diffusion_steps).to(device)
+    qf = m.TwinQ(a.obs_dim, a.act_dim).to(device)
+    qf_target = copy.deepcopy(qf)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
+    q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr)
+    batch = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)
+    if a.compile:
+        m.ddpm_sample = torch.compile(m.ddpm_sample)
+    ms = timed(lambda: m.update(batch, actor, qf, qf_target, actor_opt, q_opt, args), a.warmup, a.repeats, device)
+    obs1 = torch.randn(1, a.obs_dim, device=device)
+    with torch.no_grad():
+        act_ms = timed(lambda: m.act(actor, qf, obs1, args), a.warmup, a.repeats * 4, device)
+    return f"rfm_diffusion: {ms:.1f} ms/update ({act_ms:.2f} ms/action)"
+
+
+def bench_qvpo_baseline(a, device):
+    m = importlib.import_module("qvpo_baseline")
+    args = m.Args()
+    actor = m.Denoiser(a.obs_dim, a.act_dim, args.diffusion_steps).to(device)
+    actor_target = copy.deepcopy(actor)
+    qf = m.TwinQ(a.obs_dim, a.act_dim).to(device)
+    qf_target = copy.deepcopy(qf)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, eps=1e-5)
+    q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr, eps=1e-5)
+    batch = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)
+    policy_obs = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)[0]
+    if a.compile:
+        m.ddpm_sample = torch.compile(m.ddpm_sample)
+
+    def one_update():
+        m.update(batch, policy_obs, actor, actor_target, qf, qf_target, actor_opt, q_opt, args.entropy_alpha, args)
+
+    ms = timed(one_update, a.warmup, a.repeats, device)
+    obs1 = torch.randn(1, a.obs_dim, device=device)
+    with torch.no_grad():
+        act_ms = timed(lambda: m.act(actor, qf, obs1, args), a.warmup, a.repeats * 4, device)
+        eval_ms = timed(lambda: m.act_eval(actor, qf, obs1, args), a.warmup, a.repeats * 4, device)
+    return f"qvpo_baseline: {ms:.1f} ms/update ({act_ms:.2f} ms/behaviour action, {eval_ms:.2f} ms/eval action)"
+
+
+def bench_dipo_baseline(a, device):
+    m = importlib.import_module("dipo_baseline")
+    args = m.resolve_args(m.Args(**({"env_id": a.env_id} if a.env_id else {})))
+    actor = m.Denoiser(a.obs_dim, a.act_dim).to(device)
+    actor_target = copy.deepcopy(actor)
+    qf = m.TwinQ(a.obs_dim, a.act_dim).to(device)
+    qf_target = copy.deepcopy(qf)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, eps=1e-5)
+    q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr, eps=1e-5)
+    sched = m.DDPMSchedule(args.diffusion_steps, device)
+    memory = m.DiffusionMemory(10 * args.batch_size, a.obs_dim, a.act_dim, device)
+    mem_obs, mem_actions = random_batch(10 * args.batch_size, a.obs_dim, a.act_dim, device)[:2]
+    memory.add(mem_obs.cpu().numpy(), mem_actions.cpu().numpy())
+    batch = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)
+    if a.compile:
+        m.ddpm_sample = torch.compile(m.ddpm_sample)
+    step = iter(range(10**9))
+
+    def one_update():
+        m.update(batch, memory, actor, actor_target, qf, qf_target, actor_opt, q_opt, sched, next(step), args)
+
+    ms = timed(one_update, a.warmup, a.repeats, device)
+    obs1 = torch.randn(1, a.obs_dim, device=device)
+    with torch.no_grad():
+        act_ms = timed(lambda: m.act(actor, obs1, sched), a.warmup, a.repeats * 4, device)
+        eval_ms = timed(lambda: m.act_eval(actor, obs1, sched), a.warmup, a.repeats * 4, device)
+    row = f", {args.action_gradient_steps} action-gradient steps"
+    return f"dipo_baseline: {ms:.1f} ms/update ({act_ms:.2f} ms/behaviour action, {eval_ms:.2f} ms/eval action{row})"
+
+
+BENCHES = {
+    "rfm_flow": bench_rfm_flow,
+    "rfm_diffusion": bench_rfm_diffusion,
+    "qvpo_baseline": bench_qvpo_baseline,
+    "dipo_baseline": bench_dipo_baseline,
+}
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--scripts", default=",".join(BENCHES), help="comma-separated subset of " + ",".join(BENCHES))
     p.add_argument("--obs-dim", type=int, default=17)
     p.add_argument("--act-dim", type=int, default=6)
+    p.add_argument("--env-id", default=None, help="DIPO only: time at this env's table row (e.g. HalfCheetah-v5)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each script's sampler, as its --compile does")
     p.add_argument("--cpu", action="store_true", help="time on the CPU even when a GPU is present")
     a = p.parse_args()
-    COMPILE = a.compile
     device = torch.device("cuda" if torch.cuda.is_available() and not a.cpu else "cpu")
     torch.manual_seed(0)
     print(f"device={device} threads={torch.get_num_threads()} obs_dim={a.obs_dim} act_dim={a.act_dim}")
     for name in a.scripts.split(","):
-        print(BENCHES[name](a.obs_dim, a.act_dim, device, a.warmup, a.repeats), flush=True)
+        print(BENCHES[name](a, device), flush=True)

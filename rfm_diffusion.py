@@ -1,0 +1,555 @@
+# Reverse Flow Matching (Li, Tang, Azizan, ICML 2026, arXiv 2601.08136) with a DDPM (epsilon) policy; spec: README.md
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.optim as optim
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "rfm"
+    """the wandb's project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the agent performances (check out `videos` folder)"""
+    save_model: bool = False
+    """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
+    compile: bool = False
+    """if toggled, the particle DDPM sampler is compiled with torch.compile"""
+
+    # Algorithm specific arguments
+    env_id: str = "dm_control/cheetah-run-v0"
+    """the id of the environment (gymnasium id, `dm_control/<domain>-<task>-v0`, or `module:Env-v0`)"""
+    total_timesteps: int = 250_000
+    """total timesteps of the experiments"""
+    buffer_size: int = 250_000
+    """the replay memory buffer size"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    tau: float = 0.005
+    """target smoothing coefficient"""
+    batch_size: int = 256
+    """the batch size of sample from the replay memory"""
+    learning_starts: int = 10_000
+    """timestep to start learning (uniform random actions before)"""
+    eval_every: int = 10_000
+    """evaluate the policy every this many env steps (and at the end)"""
+    eval_episodes: int = 25
+    """evaluation episodes, one per vectorised eval env seeded 0..eval_episodes-1"""
+    policy_lr: float = 3e-4
+    """the learning rate of the noise network optimizer"""
+    q_lr: float = 1e-3
+    """the learning rate of the Q network optimizer"""
+    max_grad_norm: float = 10.0
+    """global gradient-norm clip of both the actor and the critic"""
+    temperature: float = 0.02
+    """Boltzmann temperature T of the target exp(Q/T) (spec §1)"""
+    diffusion_steps: int = 20
+    """DDPM steps T_d of the cosine schedule; index i = 0..T_d-1, small i near the data (spec §11)"""
+    num_particles: int = 32
+    """policy particles per state for acting, TD targets and evaluation (spec §7.1)"""
+    num_posterior_samples: int = 100
+    """reverse proposals K per (state, x_i) (spec §11)"""
+    estimator: Literal["stein", "noise", "gradient"] = "stein"
+    """posterior-noise estimator: plug-in control variate, lambda=0, or lambda=sigma^2/alpha^2 (spec §11)"""
+    cv_ridge: float = 1e-4
+    """ridge rho of the plug-in control-variate coefficient (spec §6)"""
+    cv_clip: float = 2.0
+    """clip c of the plug-in control-variate coefficient (spec §6)"""
+
+
+def make_env(env_id, seed, idx, capture_video, run_name):
+    def thunk():
+        if env_id.startswith("dm_control/"):
+            import shimmy  # registers dm_control/<domain>-<task>-v0
+
+            gym.register_envs(shimmy)
+        if capture_video and idx == 0:
+            env = gym.make(env_id, render_mode="rgb_array")
+            env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
+        else:
+            env = gym.make(env_id)
+        if isinstance(env.observation_space, gym.spaces.Dict):  # DeepMind Control via shimmy
+            env = gym.wrappers.FlattenObservation(env)
+        env = gym.wrappers.RecordEpisodeStatistics(env)
+        env.action_space.seed(seed)
+        return env
+
+    return thunk
+
+
+def check_env(env_id):
+    """Fail before training, in one line, on an id gymnasium cannot make or spaces the policy cannot drive."""
+    try:
+        env = make_env(env_id, 0, 0, False, "")()
+    except (gym.error.Error, ImportError) as e:
+        raise SystemExit(f"error: unknown env id {env_id!r}: {e}")
+    obs_space, act_space = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(act_space, gym.spaces.Box):
+        raise SystemExit(f"error: {env_id} has a {type(act_space).__name__} action space; only continuous Box is supported")
+    if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
+        raise SystemExit(f"error: {env_id} has unbounded actions; the policy needs finite bounds to rescale [-1, 1]")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise SystemExit(f"error: {env_id} observations are {obs_space}; a flat Box (or a Dict of them) is required")
+
+
+def check_args(args):
+    problems = [
+        msg
+        for bad, msg in [
+            (args.total_timesteps < 1, "--total-timesteps must be >= 1"),
+            (args.buffer_size < 1, "--buffer-size must be >= 1"),
+            (args.batch_size < 1, "--batch-size must be >= 1"),
+            (args.learning_starts < 0, "--learning-starts must be >= 0"),
+            (args.eval_every < 1, "--eval-every must be >= 1"),
+            (args.eval_episodes < 1, "--eval-episodes must be >= 1"),
+            (not 0.0 <= args.gamma <= 1.0, "--gamma must be in [0, 1]"),
+            (not 0.0 < args.tau <= 1.0, "--tau must be in (0, 1]"),
+            (args.policy_lr <= 0 or args.q_lr <= 0, "--policy-lr and --q-lr must be > 0"),
+            (args.max_grad_norm <= 0, "--max-grad-norm must be > 0"),
+            (not args.temperature > 0, "--temperature must be > 0"),
+            (args.diffusion_steps < 1, "--diffusion-steps must be >= 1"),
+            (args.num_particles < 1, "--num-particles must be >= 1"),
+            (args.num_posterior_samples < 1, "--num-posterior-samples must be >= 1"),
+            (args.cv_ridge < 0, "--cv-ridge must be >= 0"),
+            (args.cv_clip < 0, "--cv-clip must be >= 0"),
+        ]
+        if bad
+    ]
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
+# ALGO LOGIC: initialize agent here:
+class ReplayBuffer:
+    """Ring buffer of (s, a in [-1, 1], r, s', terminated) tensors on the training device."""
+
+    def __init__(self, size, obs_dim, act_dim, device):
+        self.size, self.ptr, self.full, self.device = size, 0, False, device
+        self.obs = torch.zeros(size, obs_dim, device=device)
+        self.next_obs = torch.zeros(size, obs_dim, device=device)
+        self.actions = torch.zeros(size, act_dim, device=device)
+        self.rewards = torch.zeros(size, 1, device=device)
+        self.dones = torch.zeros(size, 1, device=device)
+
+    def add(self, obs, next_obs, actions, rewards, terminations):
+        for buf, x in zip(
+            (self.obs, self.next_obs, self.actions, self.rewards, self.dones),
+            (obs, next_obs, actions, rewards[:, None], terminations[:, None]),
+        ):
+            idx = (self.ptr + torch.arange(len(x))) % self.size
+            buf[idx] = torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
+        self.full = self.full or self.ptr + len(obs) >= self.size
+        self.ptr = (self.ptr + len(obs)) % self.size
+
+    def sample(self, batch_size):
+        idx = torch.randint(0, self.size if self.full else self.ptr, (batch_size,), device=self.device)
+        return self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.dones[idx]
+
+
+class TwinQ(nn.Module):
+    """Two Q-networks [s, a] -> 256 -> 256 -> 1 (ReLU); min over members is used everywhere (spec §8)."""
+
+    def __init__(self, obs_dim, act_dim, hidden=256, members=2):
+        super().__init__()
+        self.members = nn.ModuleList(
+            nn.Sequential(
+                nn.Linear(obs_dim + act_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
+            )
+            for _ in range(members)
+        )
+        for layer in self.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, obs, act):
+        """(M, obs_dim), (M, act_dim) -> (members, M)"""
+        x = torch.cat([obs, act], -1)
+        return torch.stack([q(x).squeeze(-1) for q in self.members])
+
+    def min_q(self, obs, act):
+        return self.forward(obs, act).min(0).values
+
+
+def sinusoidal_embedding(x, dim=128, max_period=1000.0):
+    """[sin(x f_j), cos(x f_j)] with f_j = exp(-ln(max_period) j / (dim/2 - 1)) (spec §8)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=x.dtype) / (half - 1))
+    arg = x[..., None] * freqs
+    return torch.cat([torch.sin(arg), torch.cos(arg)], -1)
+
+
+def cosine_schedule(steps, s=0.008):
+    """Cosine DDPM schedule and ancestral-step coefficients (spec baselines §0), float64, i = 0..steps-1 (0: data).
+
+    x_i = alpha_i y1 + sigma_i eps; x_{i-1} = c1_i x0_hat + c2_i x_i + std_i z, std_i^2 the posterior variance beta~_i.
+    """
+    u = torch.arange(steps + 1, dtype=torch.float64)
+    f = torch.cos((u / steps + s) / (1 + s) * math.pi / 2).square()
+    beta = (1 - f[1:] / f[:-1]).clamp(0.0, 0.999)
+    alphabar = torch.cumprod(1 - beta, 0)
+    prev = torch.cat([alphabar.new_ones(1), alphabar[:-1]])  # alphabar_{i-1}, with alphabar_{-1} = 1
+    return {
+        "beta": beta, "alphabar": alphabar, "alpha": alphabar.sqrt(), "sigma": (1 - alphabar).sqrt(),
+        "c1": beta * prev.sqrt() / (1 - alphabar), "c2": (1 - prev) * (1 - beta).sqrt() / (1 - alphabar),
+        "std": (beta * (1 - prev) / (1 - alphabar)).sqrt(),
+    }  # fmt: skip
+
+
+class NoiseNet(nn.Module):
+    """eps(x_i, i, s, T): [s, x_i, emb(i), emb(T)] -> 256 -> 2 residual GELU blocks -> D (spec §8, §11).
+
+    The first layer is split by input so that the state, time and temperature terms, which do not depend on
+    the particle, are computed once per state / per DDPM step (exact: a Linear of a concatenation is a sum).
+    Time is the step index i itself (float 0..T_d-1, as in DDPM); the schedule is precomputed in buffers.
+    """
+
+    def __init__(self, obs_dim, act_dim, diffusion_steps, hidden=256, emb_dim=128):
+        super().__init__()
+        self.obs_dim, self.act_dim, self.emb_dim = obs_dim, act_dim, emb_dim
+        self.inp = nn.Linear(obs_dim + act_dim + 2 * emb_dim, hidden)
+        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(2))
+        self.out = nn.Linear(hidden, act_dim)
+        for layer in [self.inp, *self.blocks, self.out]:
+            nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
+            nn.init.zeros_(layer.bias)
+        for name, value in cosine_schedule(diffusion_steps).items():
+            self.register_buffer(name, value.float(), persistent=False)
+
+    def split_input_weight(self):
+        return self.inp.weight.split([self.obs_dim, self.act_dim, self.emb_dim, self.emb_dim], dim=1)
+
+    def condition(self, obs, temperature):
+        """Particle- and step-independent part of the first layer: W_s s + W_T emb(T) + b."""
+        w_s, _, _, w_temp = self.split_input_weight()
+        temp_emb = sinusoidal_embedding(torch.full(obs.shape[:-1], temperature, device=obs.device, dtype=obs.dtype))
+        return F.linear(obs, w_s, self.inp.bias) + F.linear(temp_emb, w_temp)
+
+    def time_term(self, t):
+        """W_t emb(t)."""
+        return F.linear(sinusoidal_embedding(t, self.emb_dim), self.split_input_weight()[2])
+
+    def head(self, y, pre):
+        """The rest of the network, given pre = condition + time_term (broadcast over particles)."""
+        h = F.gelu(F.linear(y, self.split_input_weight()[1]) + pre, approximate="tanh")
+        for block in self.blocks:
+            h = h + F.gelu(block(h), approximate="tanh")
+        return self.out(h)
+
+    def forward(self, obs, y, t, temperature):
+        """(B, obs_dim), (B, D), (B, 1) -> (B, D)"""
+        return self.head(y, self.condition(obs, temperature) + self.time_term(t[:, 0]))
+
+
+def ddpm_sample(actor, obs, y, temperature, generator=None):
+    """Ancestral DDPM from x_{T_d-1} = y ~ N(0, I) down to the latent y1 (spec §11). obs (B, obs), y (B, N, D).
+
+    x0_hat = (x - sigma_i eps)/alpha_i is not clamped (latent space); x <- c1_i x0_hat + c2_i x + std_i z, z only for
+    i > 0. With a generator, z (N, D) comes from it and is shared by every state, so y1 is a function of (s, y) alone.
+    """
+    steps = actor.alpha.shape[0]
+    cond = actor.condition(obs, temperature)[:, None]  # (B, 1, H)
+    time_terms = actor.time_term(torch.arange(steps, device=y.device, dtype=y.dtype))  # (steps, H)
+    for i in reversed(range(steps)):
+        eps = actor.head(y, cond + time_terms[i])
+        x0_hat = (y - actor.sigma[i] * eps) / actor.alpha[i]
+        y = actor.c1[i] * x0_hat + actor.c2[i] * y
+        if i > 0 and generator is None:
+            y = y + actor.std[i] * torch.randn_like(y)
+        elif i > 0:
+            y = y + actor.std[i] * torch.randn(y.shape[1:], generator=generator, device=y.device, dtype=y.dtype)
+    return y
+
+
+def sample_particles(actor, qf, obs, noise, temperature, generator=None):
+    """Denoise N particles per state and score them with the online min-Q. obs (B, obs), noise (B, N, D)."""
+    y = ddpm_sample(actor, obs, noise, temperature, generator)
+    B, N, D = y.shape
+    q = qf.min_q(obs[:, None].expand(B, N, obs.shape[-1]).reshape(B * N, -1), torch.tanh(y).reshape(B * N, D))
+    return y, q.view(B, N)
+
+
+def boltzmann_pick(y, q, temperature):
+    """One particle per state drawn from softmax_n(Q/T), no Jacobian term (spec §7.1). Returns its latent."""
+    idx = torch.distributions.Categorical(logits=q / temperature).sample()
+    return y[torch.arange(y.shape[0], device=y.device), idx]
+
+
+def posterior_noise(q_fn, obs, x_t, alpha, sigma, num_samples, temperature, estimator, cv_ridge=1e-4, cv_clip=2.0):
+    """Estimate E[eps | x_t] under p1(y|s) ∝ exp(Q(s, tanh y)/T) prod sech^2(y) on the VP path (spec §11, §3-6).
+
+    obs (B, obs_dim), x_t = alpha y1 + sigma eps (B, D), alpha, sigma (B, 1); q_fn(obs (M, obs_dim), actions (M, D)) ->
+    (M,) or (M, 1). Returns eps_hat (B, D) and info {ess (B,), cv_weight (B, D)}.
+    """
+    B, D = x_t.shape
+    K = num_samples
+    a3, s3 = alpha[:, None], sigma[:, None]  # (B, 1, 1)
+    eps = torch.randn(B, K, D, device=x_t.device, dtype=x_t.dtype)
+    y1 = (x_t[:, None] - s3 * eps) / a3  # reverse proposals ~ N(x_t/alpha, (sigma/alpha)^2 I), (B, K, D)
+    obs_k = obs[:, None].expand(B, K, obs.shape[-1]).reshape(B * K, -1)
+    need_grad = estimator != "noise"  # lambda = 0 never touches the score
+    with torch.enable_grad():
+        y1_leaf = y1.detach().requires_grad_(need_grad)
+        q = q_fn(obs_k, torch.tanh(y1_leaf).reshape(B * K, D)).reshape(B, K)
+        grad_q = torch.autograd.grad(q.sum(), y1_leaf)[0] if need_grad else None
+    q = q.detach()
+    log_sech2 = -2.0 * (torch.logaddexp(y1, -y1) - math.log(2.0))  # tanh Jacobian, stable form (spec §1)
+    w = torch.softmax(q / temperature + log_sech2.sum(-1), dim=1)[..., None]  # (B, K, 1)
+    eps_bar = (w * eps).sum(1)
+    if need_grad:
+        g = grad_q / temperature - 2.0 * torch.tanh(y1)  # grad_y log p1 (spec §1)
+        score = g + a3 / s3 * eps  # posterior score in y1, zero posterior mean (spec §11)
+        s_bar = (w * score).sum(1)
+    if estimator == "noise":
+        lam = torch.zeros_like(x_t)
+    elif estimator == "gradient":
+        lam = (sigma / alpha).square().expand(B, D)
+    else:  # variance-minimising per-dimension plug-in on (y1, score) (spec §6)
+        w2 = w.square()
+        dy, ds = y1 - (w * y1).sum(1, keepdim=True), score - s_bar[:, None]
+        lam = (-(w2 * dy * ds).sum(1) / ((w2 * ds.square()).sum(1) + cv_ridge)).clamp(-cv_clip, cv_clip)
+    eps_hat = eps_bar - alpha / sigma * lam * s_bar if need_grad else eps_bar
+    ess = 1.0 / w.squeeze(-1).square().sum(1)
+    return eps_hat.detach(), {"ess": ess, "cv_weight": lam}
+
+
+def soft_update(target, online, tau):
+    with torch.no_grad():
+        for tp, p in zip(target.parameters(), online.parameters()):
+            tp.lerp_(p, tau)
+
+
+def update(batch, actor, qf, qf_target, actor_optimizer, q_optimizer, args):
+    """One RFM update (spec §7.2). Returns device tensors of diagnostics."""
+    obs, actions, rewards, next_obs, dones = batch
+    B, D = actions.shape
+    # on-policy y1 at s and next actions a' at s', Boltzmann-resampled with the pre-update critic, one sampler call
+    with torch.no_grad():
+        both = torch.cat([obs, next_obs])
+        y, q = sample_particles(
+            actor, qf, both, torch.randn(2 * B, args.num_particles, D, device=obs.device),
+            args.temperature,
+        )
+        y1, next_y = boltzmann_pick(y, q, args.temperature).split(B)
+        next_q = qf_target.min_q(next_obs, torch.tanh(next_y))
+        target_q = rewards.flatten() + (1 - dones.flatten()) * args.gamma * next_q  # no entropy term
+
+    # critic: MSE of each member, averaged over the ensemble
+    qs = qf(obs, actions)
+    qf1_loss, qf2_loss = F.mse_loss(qs[0], target_q), F.mse_loss(qs[1], target_q)
+    qf_loss = (qf1_loss + qf2_loss) / 2
+    q_optimizer.zero_grad()
+    qf_loss.backward()
+    nn.utils.clip_grad_norm_(qf.parameters(), args.max_grad_norm)
+    q_optimizer.step()
+
+    # posterior target with the just-updated critic, then noise regression (spec §11)
+    i = torch.randint(0, args.diffusion_steps, (B, 1), device=obs.device)
+    alpha, sigma = actor.alpha[i], actor.sigma[i]  # (B, 1)
+    x_t = alpha * y1 + sigma * torch.randn_like(y1)
+    eps_hat, info = posterior_noise(
+        qf.min_q, obs, x_t, alpha, sigma, args.num_posterior_samples, args.temperature, args.estimator, args.cv_ridge,
+        args.cv_clip,
+    )  # fmt: skip
+    actor_loss = F.mse_loss(actor(obs, x_t, i.to(x_t.dtype), args.temperature), eps_hat)
+    actor_optimizer.zero_grad()
+    actor_loss.backward()
+    nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
+    actor_optimizer.step()
+
+    # update the target networks
+    soft_update(qf_target, qf, args.tau)
+    return {
+        "losses/qf1_values": qs[0].mean(), "losses/qf2_values": qs[1].mean(),
+        "losses/qf1_loss": qf1_loss, "losses/qf2_loss": qf2_loss, "losses/qf_loss": qf_loss,
+        "losses/actor_loss": actor_loss, "rfm/ess": info["ess"].mean(), "rfm/cv_weight": info["cv_weight"].mean(),
+        "rfm/q_mean": q.mean(), "rfm/q_std": q.std(),
+    }  # fmt: skip
+
+
+def act(actor, qf, obs, args):
+    """Behaviour action: Boltzmann resampling among N particles (spec §7.1). obs (E, obs_dim) -> (E, D) in [-1, 1]."""
+    y, q = sample_particles(
+        actor, qf, obs, torch.randn(obs.shape[0], args.num_particles, actor.act_dim, device=obs.device),
+        args.temperature,
+    )  # fmt: skip
+    return torch.tanh(boltzmann_pick(y, q, args.temperature))
+
+
+def act_eval(actor, qf, obs, eval_noise, args):
+    """Deterministic action: the argmax-Q particle from one fixed noise tensor (N, D) shared by every state, and fixed
+    per-step noise from a generator seeded afresh at every call (DDPM, not DDIM: more robust to eps errors)."""
+    y, q = sample_particles(
+        actor, qf, obs, eval_noise.expand(obs.shape[0], -1, -1), args.temperature,
+        torch.Generator(obs.device).manual_seed(args.seed),
+    )  # fmt: skip
+    return torch.tanh(y[torch.arange(y.shape[0], device=y.device), q.argmax(1)])
+
+
+def evaluate(policy, envs, action_scale, action_bias, device):
+    """One episode on each eval env (seeded 0..n-1); returns the mean undiscounted return."""
+    obs, _ = envs.reset(seed=list(range(envs.num_envs)))
+    returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
+    while not done.all():
+        with torch.no_grad():
+            actions = policy(torch.as_tensor(obs, dtype=torch.float32, device=device))
+        env_actions = (actions * action_scale + action_bias).cpu().numpy().astype(envs.single_action_space.dtype)
+        obs, rewards, terminations, truncations, _ = envs.step(env_actions)
+        returns += np.where(done, 0.0, rewards)
+        done |= terminations | truncations
+    return float(returns.mean())
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    check_env(args.env_id)
+    run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # env setup: one training env; evaluation envs seeded 0..eval_episodes-1
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(args.env_id, args.seed, 0, args.capture_video, run_name)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    eval_envs = gym.vector.SyncVectorEnv(
+        [make_env(args.env_id, i, i, False, run_name) for i in range(args.eval_episodes)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    obs_dim = int(np.prod(envs.single_observation_space.shape))
+    act_dim = int(np.prod(envs.single_action_space.shape))
+    low = torch.as_tensor(envs.single_action_space.low, dtype=torch.float32, device=device)
+    high = torch.as_tensor(envs.single_action_space.high, dtype=torch.float32, device=device)
+    action_scale, action_bias = (high - low) / 2, (high + low) / 2
+
+    actor = NoiseNet(obs_dim, act_dim, args.diffusion_steps).to(device)
+    qf = TwinQ(obs_dim, act_dim).to(device)
+    qf_target = copy.deepcopy(qf)
+    actor_optimizer = optim.Adam(actor.parameters(), lr=args.policy_lr)
+    q_optimizer = optim.Adam(qf.parameters(), lr=args.q_lr)
+    rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
+    eval_noise = torch.randn(args.num_particles, act_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    if args.compile:  # the particle sampler is most of an update; compiling fuses its elementwise work
+        ddpm_sample = torch.compile(ddpm_sample)
+
+    def policy_eval(o):
+        return act_eval(actor, qf, o, eval_noise, args)
+
+    start_time = time.time()
+    last_return = float("nan")
+
+    # TRY NOT TO MODIFY: start the game
+    obs, _ = envs.reset(seed=args.seed)
+    for global_step in range(args.total_timesteps):
+        # ALGO LOGIC: put action logic here
+        if global_step < args.learning_starts:
+            actions = np.array([envs.single_action_space.sample() for _ in range(envs.num_envs)])
+            norm_actions = (actions - action_bias.cpu().numpy()) / action_scale.cpu().numpy()
+        else:
+            with torch.no_grad():
+                norm = act(actor, qf, torch.as_tensor(obs, dtype=torch.float32, device=device), args)
+            norm_actions = norm.cpu().numpy()
+            actions = (norm * action_scale + action_bias).cpu().numpy().astype(envs.single_action_space.dtype)
+
+        # TRY NOT TO MODIFY: execute the game and log data.
+        next_obs, rewards, terminations, truncations, infos = envs.step(actions)
+        if "final_info" in infos:
+            fi = infos["final_info"]
+            for i in np.flatnonzero(fi.get("_episode", [])):
+                last_return = float(fi["episode"]["r"][i])
+                writer.add_scalar("charts/episodic_return", last_return, global_step)
+                writer.add_scalar("charts/episodic_length", fi["episode"]["l"][i], global_step)
+
+        # TRY NOT TO MODIFY: save data to replay buffer; handle `final_obs`; truncation is not termination
+        real_next_obs = next_obs.copy()
+        if "final_obs" in infos:
+            for i in np.flatnonzero(infos["_final_obs"]):
+                real_next_obs[i] = infos["final_obs"][i]
+        rb.add(obs, real_next_obs, norm_actions, rewards, terminations)
+
+        # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
+        obs = next_obs
+
+        # ALGO LOGIC: training.
+        if global_step >= args.learning_starts:
+            logs = update(rb.sample(args.batch_size), actor, qf, qf_target, actor_optimizer, q_optimizer, args)
+            losses = {k: v for k, v in logs.items() if k.startswith("losses/")}
+            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+            if bad:
+                raise SystemExit(f"error: non-finite {', '.join(bad)} at step {global_step}")
+            if global_step % 100 == 0:
+                for k, v in logs.items():
+                    writer.add_scalar(k, v.item(), global_step)
+                writer.add_scalar("charts/temperature", args.temperature, global_step)
+        if global_step % 100 == 0:
+            sps = int(global_step / (time.time() - start_time))
+            print(f"step={global_step} SPS={sps} last_return={last_return:.1f}")
+            writer.add_scalar("charts/SPS", sps, global_step)
+
+        if (global_step + 1) % args.eval_every == 0 or global_step + 1 == args.total_timesteps:
+            eval_return = evaluate(policy_eval, eval_envs, action_scale, action_bias, device)
+            writer.add_scalar("eval/episodic_return", eval_return, global_step + 1)
+            print(f"eval step={global_step + 1} return={eval_return:.2f}")
+
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.pt"
+        torch.save({"actor": actor.state_dict(), "qf": qf.state_dict(), "args": vars(args)}, model_path)
+        print(f"model saved to {model_path}")
+        saved = torch.load(model_path, map_location=device)
+        actor.load_state_dict(saved["actor"])
+        qf.load_state_dict(saved["qf"])
+        eval_return = evaluate(policy_eval, eval_envs, action_scale, action_bias, device)
+        writer.add_scalar("eval/saved_model_episodic_return", eval_return, args.total_timesteps)
+        print(f"saved model eval return={eval_return:.2f}")
+
+    envs.close()
+    eval_envs.close()
+    writer.close()

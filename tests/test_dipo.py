@@ -1,0 +1,437 @@
+"""dipo_baseline.py: the action ascent and its persistent memory, the DDPM schedule and sampler, the per-env table,
+end-to-end runs, time-limit handling and bad input."""
+
+import copy
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dipo_baseline as dipo
+from tests.conftest import BANDIT, read_scalars, run_script, single_run_dir
+from tests.toy_envs import ContextBandit
+
+SCRIPT = "dipo_baseline.py"
+# updates really happen (200 of them), with a short chain and ascent so the runs stay fast
+FAST = ["--total-timesteps", 300, "--learning-starts", 100, "--batch-size", 32, "--diffusion-steps", 5,
+        "--action-gradient-steps", 3, "--eval-every", 200, "--eval-episodes", 2]  # fmt: skip
+
+
+class TruncatedBandit(ContextBandit):
+    """ContextBandit whose one-step episodes end by time limit (truncated) instead of termination."""
+
+    def step(self, action):
+        obs, reward, _, _, info = super().step(action)
+        return obs, reward, False, True, info
+
+
+# registered on import, so the script can make it as `tests.test_dipo:TruncatedBandit-v0`
+gym.register("TruncatedBandit-v0", entry_point=TruncatedBandit)
+
+
+@pytest.fixture(autouse=True)
+def single_thread(monkeypatch):
+    """Scripts run by these tests use one OpenMP thread: tiny runs, and no spin-waiting on a busy 2-core machine."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+class QuadraticCritic(torch.nn.Module):
+    """Hand-made twin critic with a known maximiser: Q_k(s, a) = scale (offset_k - ||a - target(s)||^2), where
+    target(s) = shift + 0.5 tanh(s[:, :D]); member 2 is always the min. Same condition/head interface as TwinQ."""
+
+    def __init__(self, act_dim, scale=1.0, shift=0.0):
+        super().__init__()
+        self.act_dim, self.scale, self.shift = act_dim, scale, shift
+
+    def target(self, obs):
+        return self.shift + 0.5 * torch.tanh(obs[:, : self.act_dim])
+
+    def condition(self, obs):
+        return self.target(obs)
+
+    def head(self, act, cond):
+        d2 = (act - cond).square().sum(-1)
+        return torch.stack([self.scale * (0.0 - d2), self.scale * (-0.1 - d2)])
+
+
+class RecordingAdam(torch.optim.Adam):
+    """Adam that records the gradient it is handed at every step."""
+
+    grads = []
+
+    def step(self, closure=None):
+        RecordingAdam.grads.append(self.param_groups[0]["params"][0].grad.detach().clone())
+        return super().step(closure)
+
+
+def ascent_problem(B=64, D=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 5, generator=g), torch.rand(B, D, generator=g) * 2 - 1
+
+
+# ---- action ascent -----------------------------------------------------------------------------------------------
+
+
+def test_ascent_moves_actions_toward_the_maximiser():
+    obs, a0 = ascent_problem()
+    qf = QuadraticCritic(3)
+    a, q_gain = dipo.improve_actions(qf, obs, a0, steps=60, lr=0.03, max_norm=0.3)
+    before, after = (a0 - qf.target(obs)).norm(dim=1), (a - qf.target(obs)).norm(dim=1)
+    assert after.mean() < 0.1 * before.mean()
+    assert (a - a0).abs().max() <= 60 * 0.03 * 1.01  # Adam moves a coordinate by at most ~lr per step
+    assert (after <= before + 0.03).all()  # no row moves away (beyond one Adam step of jitter at the optimum)
+    min_q = lambda x: qf.head(x, qf.condition(obs)).min(0).values  # noqa: E731
+    torch.testing.assert_close(q_gain, (min_q(a) - min_q(a0)).mean())
+    assert q_gain > 0
+    # fresh Adam each call: the same input gives the same output (no optimiser state carried over)
+    torch.testing.assert_close(dipo.improve_actions(qf, obs, a0, steps=60, lr=0.03, max_norm=0.3)[0], a)
+    assert not a.requires_grad
+
+
+def test_ascent_is_adam_not_sgd():
+    """A fresh Adam's first step is lr g / (|g| + eps) (eps 1e-5) on the clipped gradient: ~lr per coordinate."""
+    obs, a0 = ascent_problem()
+    qf = QuadraticCritic(3)
+    a, _ = dipo.improve_actions(qf, obs, a0, steps=1, lr=0.03, max_norm=0.3)
+    g = 2 * (a0 - qf.target(obs))  # d/da of -sum min Q (member 2)
+    g = g * min(1.0, 0.3 / (g.norm().item() + 1e-6))
+    torch.testing.assert_close(a - a0, -0.03 * g / (g.abs() + 1e-5), atol=1e-6, rtol=1e-5)
+    assert ((a - a0).abs() > 0.025).float().mean() > 0.8  # SGD would move by 0.03 |g| ~ 1e-3
+
+
+def test_ascent_clips_the_batch_global_gradient_norm(monkeypatch):
+    monkeypatch.setattr(dipo.optim, "Adam", RecordingAdam)
+    obs, a0 = ascent_problem(B=64)
+    RecordingAdam.grads = []
+    dipo.improve_actions(QuadraticCritic(3, scale=100.0), obs, a0, steps=5, lr=0.03, max_norm=0.3)
+    assert len(RecordingAdam.grads) == 5
+    for g in RecordingAdam.grads:
+        # the whole (64, 3) gradient has norm max_norm (it was far larger), rows share it: not a per-sample clip
+        assert g.norm().item() == pytest.approx(0.3, rel=1e-4)
+        assert g.norm(dim=1).max() < 0.3 / 3
+    # below the threshold the gradient is -d/da sum min Q, untouched (member 2 is the min)
+    qf = QuadraticCritic(3, scale=1e-3)
+    RecordingAdam.grads = []
+    dipo.improve_actions(qf, obs, a0, steps=1, lr=0.03, max_norm=0.3)
+    torch.testing.assert_close(RecordingAdam.grads[0], 2e-3 * (a0 - qf.target(obs)))
+
+
+def test_ascent_keeps_actions_in_the_box():
+    obs, a0 = ascent_problem()
+    qf = QuadraticCritic(3, shift=torch.tensor([2.0, -2.0, 0.0]))  # maximiser outside [-1, 1] on two dims
+    a, _ = dipo.improve_actions(qf, obs, a0, steps=100, lr=0.03, max_norm=0.3)
+    assert a.abs().max() <= 1.0
+    assert (a[:, 0] == 1.0).all() and (a[:, 1] == -1.0).all()  # pushed onto the bound, clamped exactly
+
+
+def small_agent(obs_dim=5, act_dim=2, **overrides):
+    args = dipo.resolve_args(dipo.Args(batch_size=16, diffusion_steps=3, action_gradient_steps=2, **overrides))
+    torch.manual_seed(0)
+    actor = dipo.Denoiser(obs_dim, act_dim)
+    qf = dipo.TwinQ(obs_dim, act_dim)
+    return dict(
+        actor=actor, actor_target=copy.deepcopy(actor), qf=qf, qf_target=copy.deepcopy(qf),
+        actor_optimizer=torch.optim.Adam(actor.parameters(), lr=args.policy_lr, eps=1e-5),
+        q_optimizer=torch.optim.Adam(qf.parameters(), lr=args.q_lr, eps=1e-5),
+        sched=dipo.DDPMSchedule(args.diffusion_steps, torch.device("cpu")), args=args,
+    )  # fmt: skip
+
+
+def filled_memory(n=200, obs_dim=5, act_dim=2):
+    memory = dipo.DiffusionMemory(n, obs_dim, act_dim, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    memory.add(rng.normal(size=(n, obs_dim)), rng.uniform(-1, 1, size=(n, act_dim)))
+    return memory
+
+
+def replay_batch(n=16, obs_dim=5, act_dim=2):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(n, obs_dim, generator=g), torch.rand(n, act_dim, generator=g) * 2 - 1,
+            torch.rand(n, 1, generator=g), torch.randn(n, obs_dim, generator=g), torch.zeros(n, 1))  # fmt: skip
+
+
+def test_update_writes_improved_actions_back_at_the_sampled_indices(monkeypatch):
+    agent, memory = small_agent(), filled_memory()
+    before = memory.actions.clone()
+    seen = {}
+    sample, improve = memory.sample, dipo.improve_actions
+
+    def spy_sample(batch_size):
+        seen["obs"], seen["actions"], seen["idx"] = out = sample(batch_size)
+        return out
+
+    def spy_improve(*a):
+        out = improve(*a)
+        seen["improved"] = out[0]
+        return out
+
+    monkeypatch.setattr(memory, "sample", spy_sample)
+    monkeypatch.setattr(dipo, "improve_actions", spy_improve)
+    logs = dipo.update(replay_batch(), memory, num_updates=0, **agent)
+    idx = seen["idx"]
+    assert len(idx) == 16 and not torch.equal(seen["improved"], seen["actions"])
+    torch.testing.assert_close(memory.actions[idx], seen["improved"], rtol=0, atol=0)
+    untouched = torch.ones(len(before), dtype=torch.bool)
+    untouched[idx] = False
+    torch.testing.assert_close(memory.actions[untouched], before[untouched], rtol=0, atol=0)
+    torch.testing.assert_close(memory.obs[idx], seen["obs"])
+    assert set(logs) >= {"losses/qf_loss", "losses/actor_loss", "dipo/q_gain"}
+    assert all(torch.isfinite(v) for v in logs.values())
+
+
+@pytest.mark.parametrize("period", [1, 2])
+def test_actor_target_period(period):
+    """Critic target moves every update; actor target only when num_updates % period == 0 (counting from 0)."""
+    agent, memory = small_agent(update_actor_target_every=period), filled_memory()
+    for n in range(3):
+        actor_t, qf_t = copy.deepcopy(agent["actor_target"]), copy.deepcopy(agent["qf_target"])
+        dipo.update(replay_batch(), memory, num_updates=n, **agent)
+        moved = lambda old, new: any(not torch.equal(p, q) for p, q in zip(old.parameters(), new.parameters()))  # noqa
+        assert moved(qf_t, agent["qf_target"])
+        assert moved(actor_t, agent["actor_target"]) == (n % period == 0)
+
+
+# ---- networks, schedule, sampler ---------------------------------------------------------------------------------
+
+
+def test_mish_matches_f_mish():
+    x = torch.randn(4, 64, 256, dtype=torch.float64) * 6
+    x[0, 0, :6] = torch.tensor([-200.0, -90.0, -20.0, 19.9, 20.1, 300.0], dtype=torch.float64)
+    ref = F.mish(x)
+    xf = x.float().requires_grad_(True)
+    y = dipo.mish(xf)
+    (g,) = torch.autograd.grad(y, xf, torch.ones_like(y))
+    xd = x.clone().requires_grad_(True)
+    (ref_grad,) = torch.autograd.grad(F.mish(xd).sum(), xd)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g.double(), ref_grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(dipo.mish(x.float()).double(), ref, rtol=1e-6, atol=1e-6)
+    small = torch.randn(3, 256)
+    torch.testing.assert_close(dipo.mish(small), F.mish(small))
+
+
+def test_init_is_untruncated_normal_with_zero_bias():
+    torch.manual_seed(0)
+    actor, qf = dipo.Denoiser(17, 6), dipo.TwinQ(17, 6)
+    w = actor.mid[0].weight.detach()
+    assert w.std().item() == pytest.approx(1 / (2 * math.sqrt(256)), rel=0.02)
+    assert w.abs().max() > 3 * w.std()  # tails beyond 2 std: not truncated at 2 std
+    assert qf.weights[1].std().item() == pytest.approx(1 / (2 * math.sqrt(256)), rel=0.02)
+    assert qf.weights[0].std().item() == pytest.approx(1 / (2 * math.sqrt(23)), rel=0.05)
+    assert all((m.bias == 0).all() for m in actor.modules() if isinstance(m, torch.nn.Linear))
+    assert all((b == 0).all() for b in qf.biases)
+
+
+def test_twin_q_split_first_layer_is_exact():
+    """TwinQ(s, a) = two Mish MLPs on [s, a] -> 256 -> 256 -> 256 -> 1 (the state term is split off for the ascent)."""
+    torch.manual_seed(0)
+    qf = dipo.TwinQ(5, 2)
+    obs, act = torch.randn(7, 5), torch.rand(7, 2) * 2 - 1
+    for k in range(2):
+        h = torch.cat([obs, act], 1)
+        for w, b in zip(qf.weights[:-1], qf.biases[:-1]):
+            h = F.mish(h @ w[k] + b[k])
+        q = (h @ qf.weights[-1][k] + qf.biases[-1][k]).squeeze(-1)
+        torch.testing.assert_close(qf(obs, act)[k], q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qf.min_q(obs, act), qf(obs, act).min(0).values)
+
+
+def reference_eps(actor, x, i, obs):
+    """eps_theta on the concatenated input [x, t_emb(i), s], t_emb = Linear(Mish(Linear(sinusoid_32(i))))."""
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(16) / 15.0)
+    arg = i.float()[:, None] * freqs
+    t_emb = actor.time_mlp[1](F.mish(actor.time_mlp[0](torch.cat([arg.sin(), arg.cos()], 1))))
+    h = F.mish(actor.inp(torch.cat([x, t_emb, obs], 1)))
+    for layer in actor.mid:
+        h = F.mish(layer(h))
+    return actor.out(h)
+
+
+def reference_schedule(T, s=0.008):
+    f = [math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2 for u in range(T + 1)]
+    betas = np.array([min(max(1 - f[i + 1] / f[i], 0.0), 0.999) for i in range(T)])
+    return betas, np.cumprod(1 - betas)
+
+
+@pytest.mark.parametrize("T", [5, 20, 100])
+def test_cosine_schedule(T):
+    betas, ab = reference_schedule(T)
+    np.testing.assert_allclose(dipo.cosine_beta_schedule(T), betas, rtol=1e-12)
+    assert betas[-1] == 0.999 and (betas[:-1] < 0.999).all() and (betas > 0).all()
+    if T == 20:
+        assert ab[-1] == pytest.approx(6e-6, rel=0.02)  # spec §0
+    sched = dipo.DDPMSchedule(T, torch.device("cpu"))
+    prev = np.append(1.0, ab[:-1])
+    np.testing.assert_allclose(sched.sqrt_ac.numpy(), np.sqrt(ab), rtol=1e-6)
+    # posterior mean with x0_hat = x0 and a noise-free x_i is sqrt(ab_{i-1}) x0; x0_hat inverts the forward process
+    np.testing.assert_allclose(np.array(sched.c1) + np.array(sched.c2) * np.sqrt(ab), np.sqrt(prev), rtol=1e-9)
+    x0, eps = 0.3, -1.7
+    xi = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * eps
+    np.testing.assert_allclose(np.array(sched.recip) * xi - np.array(sched.recipm1) * eps, x0, atol=1e-9)
+    var = betas * (1 - prev) / (1 - ab)
+    np.testing.assert_allclose(sched.sigma, np.sqrt(np.maximum(var, 1e-20)), rtol=1e-9)
+
+
+@pytest.mark.parametrize("noise_ratio", [1.0, 0.0])
+def test_sampler_matches_the_spec_chain(noise_ratio):
+    """ddpm_sample (split first layer, precomputed time terms) equals the plain DDPM chain of spec §0."""
+    T, B, D = 10, 6, 2
+    torch.manual_seed(0)
+    actor = dipo.Denoiser(5, D)
+    with torch.no_grad():
+        actor.out.weight.mul_(30.0)  # large eps so that the x0_hat clamp is exercised
+    obs = torch.randn(B, 5)
+    betas, ab = reference_schedule(T)
+    prev = np.append(1.0, ab[:-1])
+    torch.manual_seed(1)
+    out = dipo.ddpm_sample(actor, obs, dipo.DDPMSchedule(T, torch.device("cpu")), noise_ratio)
+    torch.manual_seed(1)
+    x = torch.randn(B, D)
+    z = torch.randn(T, B, D) if noise_ratio else None
+    clamped = 0
+    with torch.no_grad():
+        for i in reversed(range(T)):
+            eps = reference_eps(actor, x, torch.full((B,), i), obs)
+            x0 = math.sqrt(1 / ab[i]) * x - math.sqrt(1 / ab[i] - 1) * eps
+            clamped += int((x0.abs() > 1).sum())
+            x0 = x0.clamp(-1, 1)
+            mean = betas[i] * math.sqrt(prev[i]) / (1 - ab[i]) * x0 + (1 - prev[i]) * math.sqrt(1 - betas[i]) / (1 - ab[i]) * x
+            var = betas[i] * (1 - prev[i]) / (1 - ab[i])
+            x = mean + (noise_ratio * math.exp(0.5 * math.log(max(var, 1e-20))) * z[i] if i > 0 and noise_ratio else 0)
+    assert clamped > 0
+    torch.testing.assert_close(out, x.clamp(-1, 1), rtol=1e-4, atol=1e-4)
+    assert out.abs().max() <= 1.0
+
+
+def test_diffusion_loss_is_the_eps_mse():
+    torch.manual_seed(0)
+    actor, sched = dipo.Denoiser(5, 2), dipo.DDPMSchedule(100, torch.device("cpu"))
+    obs, a = torch.randn(32, 5), torch.rand(32, 2) * 2 - 1
+    torch.manual_seed(3)
+    loss = dipo.diffusion_loss(actor, sched, obs, a)
+    torch.manual_seed(3)
+    i = torch.randint(0, 100, (32,))
+    eps = torch.randn(32, 2)
+    _, ab = reference_schedule(100)
+    ab = torch.tensor(ab, dtype=torch.float32)[i, None]
+    ref = (reference_eps(actor, ab.sqrt() * a + (1 - ab).sqrt() * eps, i, obs) - eps).square().mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
+# ---- per-environment table -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env_id, row",
+    [
+        ("Hopper-v5", (1.0, 0.3, 20, 1)),
+        ("Hopper-v3", (1.0, 0.3, 20, 1)),
+        ("Walker2d-v4", (2.0, 0.08, 20, 1)),
+        ("Ant-v5", (0.8, 0.1, 20, 1)),
+        ("HalfCheetah-v5", (2.0, 0.08, 40, 2)),
+        ("Humanoid-v5", (2.0, 0.1, 20, 1)),
+        ("HumanoidStandup-v5", (2.0, 0.1, 20, 1)),
+        ("dm_control/cheetah-run-v0", (2.0, 0.1, 20, 1)),
+        (BANDIT, (2.0, 0.1, 20, 1)),
+    ],
+)
+def test_env_table(env_id, row):
+    assert dipo.env_defaults(env_id) == row
+    args = dipo.resolve_args(dipo.Args(env_id=env_id))
+    assert (args.max_grad_norm, args.action_grad_ratio, args.action_gradient_steps, args.update_actor_target_every) == row
+
+
+def test_env_table_flags_override():
+    args = dipo.resolve_args(dipo.Args(env_id="HalfCheetah-v5", action_gradient_steps=7, max_grad_norm=0.5))
+    assert (args.max_grad_norm, args.action_grad_ratio, args.action_gradient_steps, args.update_actor_target_every) == (
+        0.5, 0.08, 7, 2)  # fmt: skip
+
+
+# ---- end to end ----------------------------------------------------------------------------------------------------
+
+
+def hyperparameters(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+
+
+@pytest.mark.parametrize("env_id", ["Hopper-v5", "dm_control/cartpole-swingup-v0"])
+def test_end_to_end(run, env_id):
+    proc, run_dir = run(SCRIPT, "--env-id", env_id, *FAST, "--action-grad-ratio", 0.2, "--save-model")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = read_scalars(run_dir)
+    for key in ["losses/qf1_loss", "losses/qf2_loss", "losses/qf_loss", "losses/qf1_values", "losses/actor_loss",
+                "dipo/q_gain", "charts/SPS", "eval/episodic_return", "eval/saved_model_episodic_return"]:  # fmt: skip
+        assert key in scalars, (key, sorted(scalars))
+    assert [s for s, _ in scalars["eval/episodic_return"]] == [200, 300]
+    assert all(np.isfinite(v) for _, v in scalars["losses/qf_loss"])
+    assert (run_dir / "dipo_baseline.pt").is_file()
+    hp = hyperparameters(run_dir)
+    assert "|action_grad_ratio|0.2|" in hp and "|action_gradient_steps|3|" in hp  # flags win over the table
+    assert "|max_grad_norm|1.0|" in hp if env_id == "Hopper-v5" else "|max_grad_norm|2.0|" in hp  # table / general
+
+
+def last_q(run_dir):
+    return read_scalars(run_dir)["losses/qf1_values"][-1][1]
+
+
+def test_timeout_as_terminal(run, tmp_path_factory):
+    """One-step episodes that end by truncation: by default the target bootstraps through them, so Q climbs past the
+    largest reward (1) towards r / (1 - gamma); --timeout-as-terminal stops the bootstrap, so Q stays a reward
+    estimate. A fast target (tau 0.2) makes the difference show within 200 updates."""
+    env = "tests.test_dipo:TruncatedBandit-v0"
+    common = ["--env-id", env, "--total-timesteps", 300, "--learning-starts", 100, "--batch-size", 32, "--diffusion-steps", 3,
+              "--action-gradient-steps", 1, "--q-lr", 3e-3, "--tau", 0.2, "--eval-episodes", 2]  # fmt: skip
+    proc, run_dir = run(SCRIPT, *common, "--timeout-as-terminal")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    q_terminal = last_q(run_dir)
+    cwd = tmp_path_factory.mktemp("bootstrap")
+    proc = run_script(SCRIPT, common, cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    q_bootstrap = last_q(single_run_dir(cwd))
+    assert q_terminal < 1.0 and q_bootstrap > 3.0, (q_terminal, q_bootstrap)
+
+
+BAD_HYPERPARAMETERS = {"--diffusion-steps": 0, "--action-lr": 0, "--action-grad-ratio": -0.1, "--action-gradient-steps": -1,
+                       "--update-actor-target-every": 0, "--max-grad-norm": 0, "--batch-size": 0}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--env-id", "NoSuchEnv-v9"],
+        ["--env-id", "CartPole-v1"],
+        ["--env-id", "tests.toy_envs:Unbounded-v0"],
+        [x for kv in BAD_HYPERPARAMETERS.items() for x in kv],  # one run; every problem is named on the one line
+    ],
+)
+def test_bad_input(run, flags):
+    proc, run_dir = run(SCRIPT, *flags, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    if flags[0] != "--env-id":
+        assert all(flag in lines[0] for flag in BAD_HYPERPARAMETERS), lines[0]
+    assert run_dir is None
+
+
+# ---- learning ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_learns_context_bandit(run):
+    """One-step bandit, optimum 1. Before learning the eval return is about -1; the best context-free action gets
+    0.958, so >= 0.97 needs the policy to use the context."""
+    proc, run_dir = run(SCRIPT, "--env-id", BANDIT, "--total-timesteps", 1500, "--learning-starts", 500,
+                        "--batch-size", 64, "--diffusion-steps", 20, "--eval-every", 500, "--eval-episodes", 50)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    returns = read_scalars(run_dir)["eval/episodic_return"]
+    assert returns[0][1] < 0.5, returns  # the untrained policy, before the first update
+    assert returns[-1][1] >= 0.97, returns
