@@ -221,6 +221,13 @@ def cosine_schedule(steps, s=0.008):
     }  # fmt: skip
 
 
+def gelu_tanh(x):
+    """GELU, tanh approximation (Flax's default): x (1 + tanh z) / 2 = x sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3).
+    The sigmoid form is the same function and ~1.5x faster than F.gelu(approximate="tanh") on CPU."""
+    z2 = torch.addcmul(x, x.square(), x, value=0.044715).mul_(2.0 * math.sqrt(2.0 / math.pi))
+    return x * z2.sigmoid_()
+
+
 class NoiseNet(nn.Module):
     """eps(x_i, i, s, T): [s, x_i, emb(i), emb(T)] -> 256 -> 2 residual GELU blocks -> D (spec §8, §11).
 
@@ -256,9 +263,9 @@ class NoiseNet(nn.Module):
 
     def head(self, y, pre):
         """The rest of the network, given pre = condition + time_term (broadcast over particles)."""
-        h = F.gelu(F.linear(y, self.split_input_weight()[1]) + pre, approximate="tanh")
+        h = gelu_tanh(F.linear(y, self.split_input_weight()[1]) + pre)
         for block in self.blocks:
-            h = h + F.gelu(block(h), approximate="tanh")
+            h = h + gelu_tanh(block(h))
         return self.out(h)
 
     def forward(self, obs, y, t, temperature):
@@ -286,12 +293,27 @@ def ddpm_sample(actor, obs, y, temperature, generator=None):
     return y
 
 
+CPU_CHUNK_ROWS = 512  # rows per chunk on CPU: 512 x 256 activations stay in L2 cache (~1.3x faster than one chunk)
+
+
+def chunks(n, rows_each, device):
+    """Slices of range(n) with about CPU_CHUNK_ROWS rows each on CPU (items have rows_each rows); one slice on GPU."""
+    per = max(1, CPU_CHUNK_ROWS // rows_each) if device.type == "cpu" else n
+    return [slice(i, i + per) for i in range(0, n, per)]
+
+
 def sample_particles(actor, qf, obs, noise, temperature, generator=None):
-    """Denoise N particles per state and score them with the online min-Q. obs (B, obs), noise (B, N, D)."""
-    y = ddpm_sample(actor, obs, noise, temperature, generator)
-    B, N, D = y.shape
-    q = qf.min_q(obs[:, None].expand(B, N, obs.shape[-1]).reshape(B * N, -1), torch.tanh(y).reshape(B * N, D))
-    return y, q.view(B, N)
+    """Denoise N particles per state and score them with the online min-Q. obs (B, obs), noise (B, N, D).
+
+    Particles of different states are independent, so states are processed in cache-sized chunks (exact; with a
+    generator, in one chunk, so that its per-step noise is shared by every state)."""
+    B, N, D = noise.shape
+    y, q = torch.empty_like(noise), noise.new_empty(B, N)
+    for c in chunks(B, N, obs.device) if generator is None else [slice(None)]:
+        y[c] = ddpm_sample(actor, obs[c], noise[c], temperature, generator)
+        o = obs[c, None].expand(-1, N, -1)
+        q[c] = qf.min_q(o.reshape(-1, o.shape[-1]), torch.tanh(y[c]).reshape(-1, D)).view(-1, N)
+    return y, q
 
 
 def boltzmann_pick(y, q, temperature):
@@ -311,13 +333,16 @@ def posterior_noise(q_fn, obs, x_t, alpha, sigma, num_samples, temperature, esti
     a3, s3 = alpha[:, None], sigma[:, None]  # (B, 1, 1)
     eps = torch.randn(B, K, D, device=x_t.device, dtype=x_t.dtype)
     y1 = (x_t[:, None] - s3 * eps) / a3  # reverse proposals ~ N(x_t/alpha, (sigma/alpha)^2 I), (B, K, D)
-    obs_k = obs[:, None].expand(B, K, obs.shape[-1]).reshape(B * K, -1)
     need_grad = estimator != "noise"  # lambda = 0 never touches the score
-    with torch.enable_grad():
-        y1_leaf = y1.detach().requires_grad_(need_grad)
-        q = q_fn(obs_k, torch.tanh(y1_leaf).reshape(B * K, D)).reshape(B, K)
-        grad_q = torch.autograd.grad(q.sum(), y1_leaf)[0] if need_grad else None
-    q = q.detach()
+    q, grad_q = y1.new_empty(B, K), torch.empty_like(y1) if need_grad else None
+    for c in chunks(B, K, y1.device):  # proposals of different states are independent: cache-sized chunks (exact)
+        obs_k = obs[c, None].expand(-1, K, -1).reshape(-1, obs.shape[-1])
+        with torch.enable_grad():
+            y1_leaf = y1[c].detach().requires_grad_(need_grad)
+            q_c = q_fn(obs_k, torch.tanh(y1_leaf).reshape(-1, D)).reshape(-1, K)
+            if need_grad:
+                grad_q[c] = torch.autograd.grad(q_c.sum(), y1_leaf)[0]
+        q[c] = q_c.detach()
     log_sech2 = -2.0 * (torch.logaddexp(y1, -y1) - math.log(2.0))  # tanh Jacobian, stable form (spec §1)
     w = torch.softmax(q / temperature + log_sech2.sum(-1), dim=1)[..., None]  # (B, K, 1)
     eps_bar = (w * eps).sum(1)

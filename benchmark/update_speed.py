@@ -136,11 +136,64 @@ def bench_dipo_baseline(a, device):
     return f"dipo_baseline: {ms:.1f} ms/update ({act_ms:.2f} ms/behaviour action, {eval_ms:.2f} ms/eval action{row})"
 
 
+def bench_sac_reference(a, device):
+    """A CleanRL-style SAC update (twin 2x256 ReLU critics, 2x256 tanh-Gaussian actor, autotuned alpha, batch 256):
+    the machine-speed reference whose time on the official-timing machines is known (10.8 ms at 17/6)."""
+    nn, F = torch.nn, torch.nn.functional
+
+    def mlp(n_in, n_out):
+        return nn.Sequential(nn.Linear(n_in, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, n_out)).to(device)
+
+    qs, actor = [mlp(a.obs_dim + a.act_dim, 1) for _ in range(2)], mlp(a.obs_dim, 2 * a.act_dim)
+    targets = [copy.deepcopy(q) for q in qs]
+    log_alpha = torch.zeros(1, requires_grad=True, device=device)
+    q_opt = torch.optim.Adam([p for q in qs for p in q.parameters()], lr=1e-3)
+    pi_opt, a_opt = torch.optim.Adam(actor.parameters(), lr=3e-4), torch.optim.Adam([log_alpha], lr=1e-3)
+    obs, actions, rewards, next_obs, dones = random_batch(256, a.obs_dim, a.act_dim, device)
+
+    def pi(o):
+        mean, log_std = actor(o).chunk(2, -1)
+        std = torch.tanh(log_std).add(1).mul(3.5).sub(5).exp()
+        u = mean + std * torch.randn_like(mean)
+        logp = (-0.5 * ((u - mean) / std) ** 2 - std.log() - 0.919).sum(-1) - torch.log(1 - torch.tanh(u) ** 2 + 1e-6).sum(-1)
+        return torch.tanh(u), logp
+
+    def one_update():
+        alpha = log_alpha.exp().detach()
+        with torch.no_grad():
+            a2, logp2 = pi(next_obs)
+            x2 = torch.cat([next_obs, a2], -1)
+            y = rewards.flatten() + (1 - dones.flatten()) * 0.99 * (torch.min(*[t(x2).flatten() for t in targets]) - alpha * logp2)
+        x = torch.cat([obs, actions], -1)
+        q_loss = sum(F.mse_loss(q(x).flatten(), y) for q in qs)
+        q_opt.zero_grad()
+        q_loss.backward()
+        q_opt.step()
+        a_new, logp = pi(obs)
+        x = torch.cat([obs, a_new], -1)
+        pi_loss = (alpha * logp - torch.min(*[q(x).flatten() for q in qs])).mean()
+        pi_opt.zero_grad()
+        pi_loss.backward()
+        pi_opt.step()
+        alpha_loss = (-log_alpha.exp() * (logp.detach() - a.act_dim)).mean()
+        a_opt.zero_grad()
+        alpha_loss.backward()
+        a_opt.step()
+        with torch.no_grad():
+            for t, q in zip(targets, qs):
+                for tp, p in zip(t.parameters(), q.parameters()):
+                    tp.lerp_(p, 0.005)
+
+    ms = timed(one_update, a.warmup * 10, a.repeats * 10, device)
+    return f"sac_reference: {ms:.1f} ms/update"
+
+
 BENCHES = {
     "rfm_flow": bench_rfm_flow,
     "rfm_diffusion": bench_rfm_diffusion,
     "qvpo_baseline": bench_qvpo_baseline,
     "dipo_baseline": bench_dipo_baseline,
+    "sac_reference": bench_sac_reference,
 }
 
 if __name__ == "__main__":
