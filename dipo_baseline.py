@@ -58,7 +58,7 @@ class Args:
     """timestep to start learning (uniform random actions before)"""
     eval_every: int = 10_000
     """evaluate the policy every this many env steps (and at the end)"""
-    eval_episodes: int = 25
+    eval_episodes: int = 10
     """evaluation episodes, one per vectorised eval env seeded 0..eval_episodes-1"""
     policy_lr: float = 3e-4
     """the learning rate of the denoiser optimizer (Adam, eps 1e-5)"""

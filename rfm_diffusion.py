@@ -69,6 +69,9 @@ class Args:
     """Boltzmann temperature T of the target exp(Q/T) (spec §1)"""
     diffusion_steps: int = 20
     """DDPM steps T_d of the cosine schedule; index i = 0..T_d-1, small i near the data (spec §11)"""
+    x0_clip: float = 5.0
+    """the sampler clamps the x0 prediction to |y| <= x0_clip in latent space (tanh(5) = 0.99991): at the noisiest
+    step sigma/alpha ~ 400 amplifies any eps error, which otherwise saturates the actions"""
     num_particles: int = 32
     """policy particles per state for acting, TD targets and evaluation (spec §7.1)"""
     num_posterior_samples: int = 100
@@ -133,6 +136,7 @@ def check_args(args):
             (args.max_grad_norm <= 0, "--max-grad-norm must be > 0"),
             (not args.temperature > 0, "--temperature must be > 0"),
             (args.diffusion_steps < 1, "--diffusion-steps must be >= 1"),
+            (not args.x0_clip > 0, "--x0-clip must be > 0"),
             (args.num_particles < 1, "--num-particles must be >= 1"),
             (args.num_posterior_samples < 1, "--num-posterior-samples must be >= 1"),
             (args.cv_ridge < 0, "--cv-ridge must be >= 0"),
@@ -236,9 +240,9 @@ class NoiseNet(nn.Module):
     Time is the step index i itself (float 0..T_d-1, as in DDPM); the schedule is precomputed in buffers.
     """
 
-    def __init__(self, obs_dim, act_dim, diffusion_steps, hidden=256, emb_dim=128):
+    def __init__(self, obs_dim, act_dim, diffusion_steps, hidden=256, emb_dim=128, x0_clip=5.0):
         super().__init__()
-        self.obs_dim, self.act_dim, self.emb_dim = obs_dim, act_dim, emb_dim
+        self.obs_dim, self.act_dim, self.emb_dim, self.x0_clip = obs_dim, act_dim, emb_dim, x0_clip
         self.inp = nn.Linear(obs_dim + act_dim + 2 * emb_dim, hidden)
         self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(2))
         self.out = nn.Linear(hidden, act_dim)
@@ -276,15 +280,15 @@ class NoiseNet(nn.Module):
 def ddpm_sample(actor, obs, y, temperature, generator=None):
     """Ancestral DDPM from x_{T_d-1} = y ~ N(0, I) down to the latent y1 (spec §11). obs (B, obs), y (B, N, D).
 
-    x0_hat = (x - sigma_i eps)/alpha_i is not clamped (latent space); x <- c1_i x0_hat + c2_i x + std_i z, z only for
-    i > 0. With a generator, z (N, D) comes from it and is shared by every state, so y1 is a function of (s, y) alone.
+    x0_hat = (x - sigma_i eps)/alpha_i, clamped to +-x0_clip in latent space; x <- c1_i x0_hat + c2_i x + std_i z, z only
+    for i > 0. With a generator, z (N, D) comes from it and is shared by every state, so y1 is a function of (s, y) alone.
     """
     steps = actor.alpha.shape[0]
     cond = actor.condition(obs, temperature)[:, None]  # (B, 1, H)
     time_terms = actor.time_term(torch.arange(steps, device=y.device, dtype=y.dtype))  # (steps, H)
     for i in reversed(range(steps)):
         eps = actor.head(y, cond + time_terms[i])
-        x0_hat = (y - actor.sigma[i] * eps) / actor.alpha[i]
+        x0_hat = ((y - actor.sigma[i] * eps) / actor.alpha[i]).clamp(-actor.x0_clip, actor.x0_clip)
         y = actor.c1[i] * x0_hat + actor.c2[i] * y
         if i > 0 and generator is None:
             y = y + actor.std[i] * torch.randn_like(y)
@@ -495,7 +499,7 @@ if __name__ == "__main__":
     high = torch.as_tensor(envs.single_action_space.high, dtype=torch.float32, device=device)
     action_scale, action_bias = (high - low) / 2, (high + low) / 2
 
-    actor = NoiseNet(obs_dim, act_dim, args.diffusion_steps).to(device)
+    actor = NoiseNet(obs_dim, act_dim, args.diffusion_steps, x0_clip=args.x0_clip).to(device)
     qf = TwinQ(obs_dim, act_dim).to(device)
     qf_target = copy.deepcopy(qf)
     actor_optimizer = optim.Adam(actor.parameters(), lr=args.policy_lr)

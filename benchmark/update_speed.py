@@ -45,40 +45,26 @@ def timed(fn, warmup, repeats, device):
     return statistics.median(times)
 
 
-def bench_rfm_flow(a, device):
-    m = importlib.import_module("rfm_flow")
+def bench_rfm(a, device, script):
+    """rfm_flow / rfm_diffusion: the same update around a different policy network and sampler."""
+    m = importlib.import_module(script)
     args = m.Args()
-    actor = m.VelocityField(a.obs_dim, a.act_dim).to(device)
+    if script == "rfm_flow":
+        actor, sampler = m.VelocityField(a.obs_dim, a.act_dim).to(device), "integrate_flow"
+    else:
+        actor, sampler = m.NoiseNet(a.obs_dim, a.act_dim, args.diffusion_steps).to(device), "ddpm_sample"
     qf = m.TwinQ(a.obs_dim, a.act_dim).to(device)
     qf_target = copy.deepcopy(qf)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr)
     batch = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)
     if a.compile:
-        m.integrate_flow = torch.compile(m.integrate_flow)
+        setattr(m, sampler, torch.compile(getattr(m, sampler)))
     ms = timed(lambda: m.update(batch, actor, qf, qf_target, actor_opt, q_opt, args), a.warmup, a.repeats, device)
     obs1 = torch.randn(1, a.obs_dim, device=device)
     with torch.no_grad():
         act_ms = timed(lambda: m.act(actor, qf, obs1, args), a.warmup, a.repeats * 4, device)
-    return f"rfm_flow: {ms:.1f} ms/update ({act_ms:.2f} ms/action)"
-
-
-def bench_rfm_diffusion(a, device):
-    m = importlib.import_module("rfm_diffusion")
-    args = m.Args()
-    actor = m.NoiseNet(a.obs_dim, a.act_dim, args.diffusion_steps).to(device)
-    qf = m.TwinQ(a.obs_dim, a.act_dim).to(device)
-    qf_target = copy.deepcopy(qf)
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
-    q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr)
-    batch = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)
-    if a.compile:
-        m.ddpm_sample = torch.compile(m.ddpm_sample)
-    ms = timed(lambda: m.update(batch, actor, qf, qf_target, actor_opt, q_opt, args), a.warmup, a.repeats, device)
-    obs1 = torch.randn(1, a.obs_dim, device=device)
-    with torch.no_grad():
-        act_ms = timed(lambda: m.act(actor, qf, obs1, args), a.warmup, a.repeats * 4, device)
-    return f"rfm_diffusion: {ms:.1f} ms/update ({act_ms:.2f} ms/action)"
+    return f"{script}: {ms:.1f} ms/update ({act_ms:.2f} ms/action)"
 
 
 def bench_qvpo_baseline(a, device):
@@ -189,8 +175,8 @@ def bench_sac_reference(a, device):
 
 
 BENCHES = {
-    "rfm_flow": bench_rfm_flow,
-    "rfm_diffusion": bench_rfm_diffusion,
+    "rfm_flow": lambda a, device: bench_rfm(a, device, "rfm_flow"),
+    "rfm_diffusion": lambda a, device: bench_rfm(a, device, "rfm_diffusion"),
     "qvpo_baseline": bench_qvpo_baseline,
     "dipo_baseline": bench_dipo_baseline,
     "sac_reference": bench_sac_reference,

@@ -478,7 +478,7 @@ def test_bad_input_fails_in_one_line_before_training(run, tmp_path, case):
 
 @pytest.mark.slow
 def test_learns_context_bandit(run):
-    """Optimum 1 for every context; uniform random ≈ 0.33, the untrained sampler ≈ -0.5 (it saturates at the box
+    """Optimum 1 for every context; uniform random ≈ 0.17, the untrained sampler ≈ -0.5 (it saturates at the box
     corners). Evaluated with ONE sample per state (--eval-samples 1), so the return measures the diffusion policy
     itself rather than best-of-32 selection by the critic (which alone gives ≈ 0.96 even for a uniform policy)."""
     proc, run_dir = run(

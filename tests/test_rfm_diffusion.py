@@ -190,8 +190,8 @@ def test_noise_net_matches_plain_mlp():
 
 
 def reference_sampler(net, obs, x, temperature, generator):
-    """DDPM ancestral sampling written out with the baselines §0 formulas and net.forward, float64; with a generator,
-    the per-step noise (N, D) comes from it and is shared by every state."""
+    """DDPM ancestral sampling written out with the baselines §0 formulas and net.forward, float64, the x0 prediction
+    clamped to +-net.x0_clip; with a generator, the per-step noise (N, D) comes from it and is shared by every state."""
     steps = net.alpha.shape[0]
     sched = {k: v.numpy() for k, v in rd.cosine_schedule(steps).items()}
     abar = sched["alphabar"]
@@ -201,7 +201,7 @@ def reference_sampler(net, obs, x, temperature, generator):
         prev = abar[i - 1] if i > 0 else 1.0
         beta = 1 - abar[i] / prev
         eps = net(obs_n, x.reshape(B * N, D), torch.full((B * N, 1), float(i), dtype=x.dtype), temperature).view(B, N, D)
-        x0 = (x - math.sqrt(1 - abar[i]) * eps) / math.sqrt(abar[i])
+        x0 = ((x - math.sqrt(1 - abar[i]) * eps) / math.sqrt(abar[i])).clamp(-net.x0_clip, net.x0_clip)
         x = beta * math.sqrt(prev) / (1 - abar[i]) * x0 + (1 - prev) * math.sqrt(1 - beta) / (1 - abar[i]) * x
         if i > 0:
             z = torch.randn_like(x) if generator is None else torch.randn(N, D, generator=generator, dtype=x.dtype)
@@ -211,9 +211,10 @@ def reference_sampler(net, obs, x, temperature, generator):
 
 @pytest.mark.parametrize("steps", [1, 4])
 @pytest.mark.parametrize("fixed_noise", [False, True])
-def test_sampler_matches_reference_ddpm(steps, fixed_noise):
+@pytest.mark.parametrize("x0_clip", [math.inf, 0.5])
+def test_sampler_matches_reference_ddpm(steps, fixed_noise, x0_clip):
     torch.manual_seed(0)
-    net = rd.NoiseNet(4, 2, steps).double()
+    net = rd.NoiseNet(4, 2, steps, x0_clip=x0_clip).double()
     for k, v in rd.cosine_schedule(steps).items():  # exact float64 coefficients instead of the float32 buffers
         setattr(net, k, v)
     obs, x = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 5, 2, dtype=torch.float64)
@@ -228,7 +229,7 @@ def test_sampler_matches_reference_ddpm(steps, fixed_noise):
 def test_sampler_with_zero_network():
     """eps = 0: each ancestral step is x <- (c1/alpha + c2) x + sqrt(beta~) z, so the output is N(0, v) with v from the
     DDPM posterior-mean recursion; with fixed per-step noise, equal states and equal initial noise give equal output."""
-    net = rd.NoiseNet(2, 2, TD, hidden=8).double()
+    net = rd.NoiseNet(2, 2, TD, hidden=8, x0_clip=math.inf).double()
     torch.nn.init.zeros_(net.out.weight)
     torch.nn.init.zeros_(net.out.bias)
     for k, v in rd.cosine_schedule(TD).items():  # exact float64 coefficients instead of the float32 buffers
@@ -246,6 +247,19 @@ def test_sampler_with_zero_network():
     assert abs(y.mean().item()) < 4 * math.sqrt(v / y.numel())
     assert y.var().item() == pytest.approx(v, rel=0.03)
     assert torch.equal(fixed[0], fixed[1]) and torch.equal(fixed[0][0], fixed[0][1])
+
+
+def test_sampler_clamps_the_x0_prediction():
+    """A network that predicts eps = -100 makes every x0 prediction huge; the clamp keeps the latent output at
+    +-x0_clip exactly (the last step returns the clamped x0 prediction itself: c1_0 = 1, c2_0 = 0)."""
+    net = rd.NoiseNet(2, 2, TD, hidden=8, x0_clip=3.0).double()
+    torch.nn.init.zeros_(net.out.weight)
+    torch.nn.init.constant_(net.out.bias, -100.0)
+    for k, v in rd.cosine_schedule(TD).items():
+        setattr(net, k, v)
+    with torch.no_grad():
+        y = rd.ddpm_sample(net, torch.zeros(3, 2, dtype=torch.float64), torch.randn(3, 4, 2, dtype=torch.float64), 0.02)
+    torch.testing.assert_close(y, torch.full_like(y, 3.0))
 
 
 def test_act_eval_is_deterministic_in_the_state():
@@ -356,7 +370,7 @@ def test_estimator_flags_on_bandit(run, estimator):
     "args",
     [["--env-id", "NoSuchEnv-v0"], ["--env-id", "CartPole-v1"], ["--env-id", "tests.toy_envs:Unbounded-v0"],
      ["--env-id", BANDIT, "--diffusion-steps", 0], ["--env-id", BANDIT, "--temperature", 0],
-     ["--env-id", BANDIT, "--num-posterior-samples", 0]],
+     ["--env-id", BANDIT, "--num-posterior-samples", 0], ["--env-id", BANDIT, "--x0-clip", 0]],
 )  # fmt: skip
 def test_bad_input_fails_with_one_line(run, args):
     proc, _ = run(SCRIPT, *args, timeout=120)

@@ -8,7 +8,7 @@ class ContextBandit(gym.Env):
     """One-step episodes. Context s ~ U[-1, 1]^2; reward 1 - ||a - a*(s)||^2 / 4 with a*(s) = center + 0.5 * s.
 
     The action box is deliberately not [-1, 1] (low -1, high 3 per dimension) so rescaling is exercised. The
-    optimal return is 1 for every context; a uniform-random policy gets about 0.33.
+    optimal return is 1 for every context; a uniform-random policy gets about 0.17.
     """
 
     center = np.array([1.5, 0.5])
