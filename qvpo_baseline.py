@@ -289,20 +289,12 @@ class Denoiser(nn.Module):
         i = torch.arange(self.steps, device=self.inp.weight.device)
         return F.linear(self.time_embedding(i), self.split_input_weight()[1])
 
-    def trunk(self, pre):
-        """The rest of the network after the first affine layer."""
-        h = mish(pre)
+    def forward(self, obs, x, i):
+        """(B, obs_dim), (B, D), (B,) integer steps -> predicted noise (B, D), the unsplit form."""
+        h = mish(self.inp(torch.cat([x, self.time_embedding(i), obs], -1)))
         for layer in self.mid:
             h = mish(layer(h))
         return self.out(h)
-
-    def head(self, x, pre):
-        """The network given pre = condition + step term (broadcast over samples)."""
-        return self.trunk(F.linear(x, self.split_input_weight()[0]) + pre)
-
-    def forward(self, obs, x, i):
-        """(B, obs_dim), (B, D), (B,) integer steps -> predicted noise (B, D), the unsplit form."""
-        return self.trunk(self.inp(torch.cat([x, self.time_embedding(i), obs], -1)))
 
 
 def ddpm_sample(actor, obs, x, noise):
@@ -312,15 +304,23 @@ def ddpm_sample(actor, obs, x, noise):
     obs (B, obs_dim), x (B, N, D) the initial N(0, I) draw, noise (T, B, N, D) the z_i (noise[0] unused).
     """
     c = actor.coef
-    cond = actor.condition(obs)[:, None]  # (B, 1, H)
+    B, N, D = x.shape
+    cond = actor.condition(obs).repeat_interleave(N, 0)  # (B N, H), one row per sample
     step_terms = actor.step_terms()  # (T, H)
+    # (in, out)-contiguous weights and addmm: the trunk of actor.head with fewer kernel launches (acting is batch 4)
+    w_x = actor.split_input_weight()[0].t().contiguous()
+    (w2, b2), (w3, b3), (w4, b4) = [(layer.weight.t().contiguous(), layer.bias) for layer in (*actor.mid, actor.out)]
+    x = x.reshape(B * N, D)
     for i in reversed(range(actor.steps)):
-        eps = actor.head(x, cond + step_terms[i])
-        x0 = (c["recip"][i] * x - c["recipm1"][i] * eps).clamp_(-1.0, 1.0)
-        x = c["c1"][i] * x0 + c["c2"][i] * x
+        h = mish(torch.addmm(cond, x, w_x).add_(step_terms[i]))
+        h = mish(torch.addmm(b2, h, w2))
+        h = mish(torch.addmm(b3, h, w3))
+        eps = torch.addmm(b4, h, w4)
+        x0 = torch.sub(x * c["recip"][i], eps, alpha=c["recipm1"][i]).clamp_(-1.0, 1.0)
+        x = x0.mul_(c["c1"][i]).add_(x, alpha=c["c2"][i])
         if i > 0:
-            x = x + c["sigma"][i] * noise[i]
-    return x.clamp_(-1.0, 1.0)
+            x.add_(noise[i].reshape(B * N, D), alpha=c["sigma"][i])
+    return x.clamp_(-1.0, 1.0).view(B, N, D)
 
 
 CPU_CHUNK_ROWS = 512  # samples per sampler chunk on CPU: 512 x 256 activations stay in L2 (2x faster than one chunk)

@@ -434,4 +434,5 @@ def test_learns_context_bandit(run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     returns = read_scalars(run_dir)["eval/episodic_return"]
     assert returns[0][1] < 0.5, returns  # the untrained policy, before the first update
+    print(f"eval curve {returns}")
     assert returns[-1][1] >= 0.97, returns

@@ -204,15 +204,13 @@ def reference_eps(actor, obs, x, i):
     return F.linear(h, actor.out.weight, actor.out.bias)
 
 
-def test_denoiser_forward_and_split_head_match_reference():
+def test_denoiser_forward_matches_reference():
     torch.manual_seed(1)
     actor = qv.Denoiser(5, 3, 20)
     obs, x, i = torch.randn(64, 5), torch.randn(64, 3), torch.randint(0, 20, (64,))
     with torch.no_grad():
         ref = reference_eps(actor, obs, x, i)
         torch.testing.assert_close(actor(obs, x, i), ref, rtol=1e-5, atol=1e-6)
-        split = actor.head(x, actor.condition(obs) + actor.step_terms()[i])
-        torch.testing.assert_close(split, ref, rtol=1e-5, atol=1e-6)
 
 
 def reference_sample(actor, obs, x, noise):
@@ -491,4 +489,5 @@ def test_learns_context_bandit(run):
     evals = scalars["eval/episodic_return"]
     assert [s for s, _ in evals] == [500, 1000, 1500]
     assert evals[0][1] < 0.5, evals  # before any update
+    print(f"eval curve {evals}")
     assert evals[-1][1] >= 0.9, evals

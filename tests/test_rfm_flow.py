@@ -726,4 +726,5 @@ def test_learns_context_bandit(run):
     scalars = check_ok(proc, run_dir)
     evals = scalars["eval/episodic_return"]
     assert evals[-1][0] == 3000
+    print(f"eval curve {evals}")
     assert evals[-1][1] >= 0.9, evals
