@@ -38,7 +38,7 @@ class Args:
     save_model: bool = False
     """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
     compile: bool = False
-    """if toggled, the particle DDPM sampler is compiled with torch.compile"""
+    """if toggled, the particle sampler is compiled with torch.compile"""
 
     # Algorithm specific arguments
     env_id: str = "dm_control/cheetah-run-v0"
@@ -60,7 +60,7 @@ class Args:
     eval_episodes: int = 25
     """evaluation episodes, one per vectorised eval env seeded 0..eval_episodes-1"""
     policy_lr: float = 3e-4
-    """the learning rate of the noise network optimizer"""
+    """the learning rate of the policy network optimizer"""
     q_lr: float = 1e-3
     """the learning rate of the Q network optimizer"""
     max_grad_norm: float = 10.0

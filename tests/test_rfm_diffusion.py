@@ -386,7 +386,7 @@ def test_bad_input_fails_with_one_line(run, args):
 def test_learns_bandit(run):
     proc, run_dir = run(SCRIPT, "--env-id", BANDIT, "--total-timesteps", 3000, "--learning-starts", 500,
                         "--batch-size", 64, "--num-particles", 16, "--num-posterior-samples", 32,
-                        "--diffusion-steps", 10, "--eval-every", 1000, "--eval-episodes", 20)  # fmt: skip
+                        "--diffusion-steps", 10, "--eval-every", 1000, "--eval-episodes", 20, timeout=1800)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = read_scalars(run_dir)["eval/episodic_return"]
     print(f"eval curve {evals}")
