@@ -35,6 +35,15 @@ def single_run_dir(cwd):
     return runs[0]
 
 
+def assert_one_line_error(proc, run_dir):
+    """Bad input: non-zero exit, stderr is exactly one `error:` line (no traceback), and no run directory was made."""
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-2000:]
+    assert run_dir is None
+    return lines[0]
+
+
 @pytest.fixture
 def run(tmp_path):
     """run(script, *args) -> (CompletedProcess, run_dir or None), executed inside tmp_path."""

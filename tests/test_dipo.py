@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import dipo_baseline as dipo
-from tests.conftest import BANDIT, read_scalars, run_script, single_run_dir
+from tests.conftest import BANDIT, assert_one_line_error, read_scalars, run_script, single_run_dir
 from tests.toy_envs import ContextBandit
 
 SCRIPT = "dipo_baseline.py"
@@ -413,13 +413,9 @@ BAD_HYPERPARAMETERS = {"--diffusion-steps": 0, "--action-lr": 0, "--action-grad-
     ],
 )
 def test_bad_input(run, flags):
-    proc, run_dir = run(SCRIPT, *flags, timeout=120)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    line = assert_one_line_error(*run(SCRIPT, *flags, timeout=120))
     if flags[0] != "--env-id":
-        assert all(flag in lines[0] for flag in BAD_HYPERPARAMETERS), lines[0]
-    assert run_dir is None
+        assert all(flag in line for flag in BAD_HYPERPARAMETERS), line
 
 
 # ---- learning ------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rfm_diffusion as rd
-from tests.conftest import BANDIT, read_scalars
+from tests.conftest import BANDIT, assert_one_line_error, read_scalars
 
 SCRIPT = "rfm_diffusion.py"
 TD = 20  # default --diffusion-steps
@@ -373,10 +373,7 @@ def test_estimator_flags_on_bandit(run, estimator):
      ["--env-id", BANDIT, "--num-posterior-samples", 0], ["--env-id", BANDIT, "--x0-clip", 0]],
 )  # fmt: skip
 def test_bad_input_fails_with_one_line(run, args):
-    proc, _ = run(SCRIPT, *args, timeout=120)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert_one_line_error(*run(SCRIPT, *args, timeout=120))
 
 
 # ---------------------------------------------------------------- learning

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import rfm_flow as rf
-from tests.conftest import BANDIT, read_scalars
+from tests.conftest import BANDIT, assert_one_line_error, read_scalars
 
 F64 = torch.float64
 T_TOY = 0.5  # §12 toy temperature
@@ -697,12 +697,8 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_fails_in_one_line_before_training(run, tmp_path, case):
-    proc, run_dir = run("rfm_flow.py", *BAD_INPUTS[case], "--total-timesteps", 10)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("error:"), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and sum("error" in line for line in lines) == 1, proc.stderr[-2000:]
-    assert run_dir is None and not (tmp_path / "runs").exists()
+    assert_one_line_error(*run("rfm_flow.py", *BAD_INPUTS[case], "--total-timesteps", 10))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_non_finite_loss_stops_with_step(run):
