@@ -197,7 +197,39 @@ class TwinQ(nn.Module):
         return torch.stack([q(x).squeeze(-1) for q in self.members])
 
     def min_q(self, obs, act):
-        return self.forward(obs, act).min(0).values
+        """min_j Q_j(s, a), (M,). Differentiable in obs and act only (see MinQ); the critic trains through forward()."""
+        return MinQ.apply(self, torch.cat([obs, act], -1))
+
+
+class MinQ(torch.autograd.Function):
+    """min over TwinQ members with a hand-written input gradient: d min_j Q_j / dx = dQ_m / dx for the member m that
+    attains the min (the first on ties, as autograd through .min() does). Backpropagating each row through its own
+    member only halves the work of autograd through both; gradients reach x = [s, a], not the critic weights."""
+
+    @staticmethod
+    def forward(ctx, qf, x):
+        pre, qs = [], []
+        for l1, _, l2, _, l3 in qf.members:
+            z1 = l1(x)
+            z2 = l2(z1.relu())
+            pre.append((z1, z2))
+            qs.append(l3(z2.relu()).squeeze(-1))
+        q, member = torch.stack(qs).min(0)
+        ctx.qf = qf
+        ctx.save_for_backward(member, *pre[0], *pre[1])
+        return q
+
+    @staticmethod
+    def backward(ctx, grad_q):
+        member, *pre = ctx.saved_tensors
+        grad_x = grad_q.new_empty(grad_q.shape[0], ctx.qf.members[0][0].in_features)
+        for j, (l1, _, l2, _, l3) in enumerate(ctx.qf.members):
+            rows = (member == j).nonzero().squeeze(1)
+            z1, z2 = pre[2 * j][rows], pre[2 * j + 1][rows]
+            g = (z2 > 0) * (grad_q[rows, None] * l3.weight)  # dQ/dh2 through the ReLU, (rows, H)
+            g = (g @ l2.weight) * (z1 > 0)  # dQ/dz1
+            grad_x[rows] = g @ l1.weight
+        return None, grad_x
 
 
 def sinusoidal_embedding(x, dim=128, max_period=1000.0):

@@ -456,6 +456,28 @@ def test_twin_q_equals_two_explicit_mlps():
     assert (expected[0] != expected[1]).all()
 
 
+@pytest.mark.parametrize("script", ["rfm_flow", "rfm_diffusion"])
+def test_min_q_gradient_goes_through_the_min_member(script):
+    """MinQ's hand-written backward = autograd through min_j Q_j (both scripts carry the same critic), w.r.t. s and a."""
+    twin_q = __import__(script).TwinQ
+    qf = randomize_(twin_q(4, 3).to(F64), 5)
+    gen = torch.Generator().manual_seed(4)
+    obs = torch.randn(64, 4, generator=gen, dtype=F64, requires_grad=True)
+    act = (torch.rand(64, 3, generator=gen, dtype=F64) * 2 - 1).requires_grad_()
+    weights = torch.randn(64, generator=gen, dtype=F64)
+    got = torch.autograd.grad((qf.min_q(obs, act) * weights).sum(), (obs, act))
+    want = torch.autograd.grad((qf(obs, act).min(0).values * weights).sum(), (obs, act))
+    members = qf(obs, act).argmin(0)
+    assert 0 < members.sum() < 64  # both members attain the min somewhere
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
+    with torch.no_grad():  # tied members: the first one's gradient, as .min() gives
+        for p, p0 in zip(qf.members[1].parameters(), qf.members[0].parameters()):
+            p.copy_(p0)
+    got = torch.autograd.grad(qf.min_q(obs, act).sum(), act)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(qf(obs, act)[0].sum(), act)[0], atol=1e-12, rtol=1e-12)
+
+
 def test_boltzmann_pick_frequencies_match_softmax():
     """§7.1: index ~ softmax(Q/T) per row, no Jacobian; rows are independent (two halves with different Q)."""
     M, temperature = 20_000, 0.25
