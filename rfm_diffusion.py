@@ -38,7 +38,7 @@ class Args:
     save_model: bool = False
     """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
     compile: bool = False
-    """if toggled, the particle sampler is compiled with torch.compile"""
+    """if toggled, the particle sampler (`sample_chunk`) is compiled with torch.compile"""
 
     # Algorithm specific arguments
     env_id: str = "dm_control/cheetah-run-v0"
@@ -338,17 +338,22 @@ def chunks(n, rows_each, device):
     return [slice(i, i + per) for i in range(0, n, per)]
 
 
-def sample_particles(actor, qf, obs, noise, temperature, generator=None):
-    """Denoise N particles per state and score them with the online min-Q. obs (B, obs), noise (B, N, D).
+def sample_chunk(actor, qf, obs, noise, temperature, generator=None):
+    """Denoise N particles per state and score them with the online min-Q. obs (b, obs), noise (b, N, D)."""
+    b, N, D = noise.shape
+    y = ddpm_sample(actor, obs, noise, temperature, generator)
+    q = qf.min_q(obs[:, None].expand(-1, N, -1).reshape(b * N, -1), torch.tanh(y).reshape(b * N, D))
+    return y, q.view(b, N)
 
-    Particles of different states are independent, so states are processed in cache-sized chunks (exact; with a
-    generator, in one chunk, so that its per-step noise is shared by every state)."""
+
+def sample_particles(actor, qf, obs, noise, temperature, generator=None):
+    """sample_chunk over all states. Particles of different states are independent, so states are processed in
+    cache-sized chunks (exact; with a generator, in one chunk, so that its per-step noise is shared by every state).
+    obs (B, obs), noise (B, N, D) -> latents (B, N, D), min-Q (B, N)."""
     B, N, D = noise.shape
     y, q = torch.empty_like(noise), noise.new_empty(B, N)
     for c in chunks(B, N, obs.device) if generator is None else [slice(None)]:
-        y[c] = ddpm_sample(actor, obs[c], noise[c], temperature, generator)
-        o = obs[c, None].expand(-1, N, -1)
-        q[c] = qf.min_q(o.reshape(-1, o.shape[-1]), torch.tanh(y[c]).reshape(-1, D)).view(-1, N)
+        y[c], q[c] = sample_chunk(actor, qf, obs[c], noise[c], temperature, generator)
     return y, q
 
 
@@ -539,7 +544,7 @@ if __name__ == "__main__":
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     eval_noise = torch.randn(args.num_particles, act_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
     if args.compile:  # the particle sampler is most of an update; compiling fuses its elementwise work
-        ddpm_sample = torch.compile(ddpm_sample)
+        sample_chunk = torch.compile(sample_chunk)
 
     def policy_eval(o):
         return act_eval(actor, qf, o, eval_noise, args)

@@ -38,7 +38,7 @@ class Args:
     save_model: bool = False
     """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
     compile: bool = False
-    """if toggled, the particle sampler is compiled with torch.compile"""
+    """if toggled, the particle sampler (`sample_chunk`) is compiled with torch.compile"""
 
     # Algorithm specific arguments
     env_id: str = "dm_control/cheetah-run-v0"
@@ -307,16 +307,21 @@ def chunks(n, rows_each, device):
     return [slice(i, i + per) for i in range(0, n, per)]
 
 
-def sample_particles(actor, qf, obs, noise, temperature, flow_steps, t_min):
-    """Integrate N particles per state and score them with the online min-Q. obs (B, obs), noise (B, N, D).
+def sample_chunk(actor, qf, obs, noise, temperature, flow_steps, t_min):
+    """Integrate N particles per state and score them with the online min-Q. obs (b, obs), noise (b, N, D)."""
+    b, N, D = noise.shape
+    y = integrate_flow(actor, obs, noise, temperature, flow_steps, t_min)
+    q = qf.min_q(obs[:, None].expand(-1, N, -1).reshape(b * N, -1), torch.tanh(y).reshape(b * N, D))
+    return y, q.view(b, N)
 
-    Particles of different states are independent, so states are processed in cache-sized chunks (exact)."""
+
+def sample_particles(actor, qf, obs, noise, temperature, flow_steps, t_min):
+    """sample_chunk over all states. Particles of different states are independent, so states are processed in
+    cache-sized chunks (exact). obs (B, obs), noise (B, N, D) -> latents (B, N, D), min-Q (B, N)."""
     B, N, D = noise.shape
     y, q = torch.empty_like(noise), noise.new_empty(B, N)
     for c in chunks(B, N, obs.device):
-        y[c] = integrate_flow(actor, obs[c], noise[c], temperature, flow_steps, t_min)
-        o = obs[c, None].expand(-1, N, -1)
-        q[c] = qf.min_q(o.reshape(-1, o.shape[-1]), torch.tanh(y[c]).reshape(-1, D)).view(-1, N)
+        y[c], q[c] = sample_chunk(actor, qf, obs[c], noise[c], temperature, flow_steps, t_min)
     return y, q
 
 
@@ -503,8 +508,8 @@ if __name__ == "__main__":
     q_optimizer = optim.Adam(qf.parameters(), lr=args.q_lr)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     eval_noise = torch.randn(args.num_particles, act_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    if args.compile:  # the particle ODE is most of an update; compiling fuses its elementwise work
-        integrate_flow = torch.compile(integrate_flow)
+    if args.compile:  # the particle sampler is most of an update; compiling fuses its elementwise work
+        sample_chunk = torch.compile(sample_chunk)
 
     def policy_eval(o):
         return act_eval(actor, qf, o, eval_noise, args)

@@ -50,16 +50,16 @@ def bench_rfm(a, device, script):
     m = importlib.import_module(script)
     args = m.Args()
     if script == "rfm_flow":
-        actor, sampler = m.VelocityField(a.obs_dim, a.act_dim).to(device), "integrate_flow"
+        actor = m.VelocityField(a.obs_dim, a.act_dim).to(device)
     else:
-        actor, sampler = m.NoiseNet(a.obs_dim, a.act_dim, args.diffusion_steps).to(device), "ddpm_sample"
+        actor = m.NoiseNet(a.obs_dim, a.act_dim, args.diffusion_steps).to(device)
     qf = m.TwinQ(a.obs_dim, a.act_dim).to(device)
     qf_target = copy.deepcopy(qf)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr)
     batch = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)
     if a.compile:
-        setattr(m, sampler, torch.compile(getattr(m, sampler)))
+        m.sample_chunk = torch.compile(m.sample_chunk)
     ms = timed(lambda: m.update(batch, actor, qf, qf_target, actor_opt, q_opt, args), a.warmup, a.repeats, device)
     obs1 = torch.randn(1, a.obs_dim, device=device)
     with torch.no_grad():

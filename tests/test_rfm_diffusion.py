@@ -350,6 +350,15 @@ def test_end_to_end(run, env_id):
     assert (run_dir / "rfm_diffusion.pt").exists()
 
 
+def test_end_to_end_compile(run):
+    proc, run_dir = run(SCRIPT, "--env-id", BANDIT, "--total-timesteps", 300, *SMALL, "--eval-every", 300,
+                        "--eval-episodes", 2, "--compile")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = read_scalars(run_dir)
+    for tag in ["losses/qf_loss", "losses/actor_loss", "rfm/ess", "rfm/cv_weight"]:
+        assert [s for s, _ in scalars[tag]] == [100, 200] and all(math.isfinite(v) for _, v in scalars[tag]), tag
+
+
 @pytest.mark.parametrize("estimator", ["stein", "noise", "gradient"])
 def test_estimator_flags_on_bandit(run, estimator):
     proc, run_dir = run(SCRIPT, "--env-id", BANDIT, "--total-timesteps", 201, *SMALL, "--eval-every", 1000,
