@@ -708,10 +708,10 @@ def test_chunking_is_exact(monkeypatch):
     """Sampler and posterior run over chunks of states on CPU; one chunk (as on GPU) gives the same numbers."""
     actor, qf = small_nets(obs_dim=5, act_dim=3)
     gen = torch.Generator().manual_seed(8)
-    obs, noise = torch.randn(40, 5, generator=gen), torch.randn(40, 32, 3, generator=gen)
+    obs, noise = torch.randn(80, 5, generator=gen), torch.randn(80, 32, 3, generator=gen)
     obs_p, y_t, t = torch.randn(50, 5, generator=gen), torch.randn(50, 3, generator=gen), torch.rand(50, 1, generator=gen)
     cpu = torch.device("cpu")
-    assert len(rf.chunks(40, 32, cpu, rf.CPU_CHUNK_ROWS["sampler"])) == 3
+    assert len(rf.chunks(80, 32, cpu, rf.CPU_CHUNK_ROWS["sampler"])) == 3
     assert len(rf.chunks(50, 100, cpu, rf.CPU_CHUNK_ROWS["posterior"])) == 3
     results = []
     for rows in [rf.CPU_CHUNK_ROWS, {"sampler": 10**6, "posterior": 10**6}]:
