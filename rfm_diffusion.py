@@ -1,20 +1,28 @@
 # Reverse Flow Matching (Li, Tang, Azizan, ICML 2026, arXiv 2601.08136) with a DDPM (epsilon) policy; spec: README.md
 import copy
+import hashlib
+import logging
 import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import gymnasium as gym
 import numpy as np
 import torch
+import torch._dynamo  # noqa: F401  (loads triton before any MuJoCo GL context: the reverse order segfaults with EGL)
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+
+# not the user's concern: GLFW's display probe on headless machines, a deprecation in dm_control's own model files
+warnings.filterwarnings("ignore", message=".*DISPLAY environment variable is missing")
+logging.getLogger("absl").addFilter(lambda record: "settotalmass" not in record.getMessage())
 
 
 @dataclass
@@ -64,7 +72,7 @@ class Args:
     q_lr: float = 1e-3
     """the learning rate of the Q network optimizer"""
     max_grad_norm: float = 10.0
-    """global gradient-norm clip of both the actor and the critic"""
+    """gradient-norm clip of the actor, and of each critic member separately"""
     temperature: float = 0.02
     """Boltzmann temperature T of the target exp(Q/T) (spec §1)"""
     diffusion_steps: int = 20
@@ -308,11 +316,11 @@ class NoiseNet(nn.Module):
         return self.head(y, self.condition(obs, temperature) + self.time_term(t[:, 0]))
 
 
-def ddpm_sample(actor, obs, y, temperature, generator=None):
+def ddpm_sample(actor, obs, y, temperature, z=None):
     """Ancestral DDPM from x_{T_d-1} = y ~ N(0, I) down to the latent y1 (spec §11). obs (B, obs), y (B, N, D).
 
-    x0_hat = (x - sigma_i eps)/alpha_i, clamped to +-x0_clip in latent space; x <- c1_i x0_hat + c2_i x + std_i z, z only
-    for i > 0. With a generator, z (N, D) comes from it and is shared by every state, so y1 is a function of (s, y) alone.
+    x0_hat = (x - sigma_i eps)/alpha_i, clamped to +-x0_clip in latent space; x <- c1_i x0_hat + c2_i x + std_i z_i, z_i
+    only for i > 0: drawn fresh, or z[:, i] of a given per-step noise z (B, T_d, N, D).
     """
     steps = actor.alpha.shape[0]
     cond = actor.condition(obs, temperature)[:, None]  # (B, 1, H)
@@ -321,10 +329,8 @@ def ddpm_sample(actor, obs, y, temperature, generator=None):
         eps = actor.head(y, cond + time_terms[i])
         x0_hat = ((y - actor.sigma[i] * eps) / actor.alpha[i]).clamp(-actor.x0_clip, actor.x0_clip)
         y = actor.c1[i] * x0_hat + actor.c2[i] * y
-        if i > 0 and generator is None:
-            y = y + actor.std[i] * torch.randn_like(y)
-        elif i > 0:
-            y = y + actor.std[i] * torch.randn(y.shape[1:], generator=generator, device=y.device, dtype=y.dtype)
+        if i > 0:
+            y = y + actor.std[i] * (torch.randn_like(y) if z is None else z[:, i])
     return y
 
 
@@ -339,22 +345,21 @@ def chunks(n, rows_each, device, rows):
     return [slice(i, i + per) for i in range(0, n, per)]
 
 
-def sample_chunk(actor, qf, obs, noise, temperature, generator=None):
+def sample_chunk(actor, qf, obs, noise, temperature, z=None):
     """Denoise N particles per state and score them with the online min-Q. obs (b, obs), noise (b, N, D)."""
     b, N, D = noise.shape
-    y = ddpm_sample(actor, obs, noise, temperature, generator)
+    y = ddpm_sample(actor, obs, noise, temperature, z)
     q = qf.min_q(obs[:, None].expand(-1, N, -1).reshape(b * N, -1), torch.tanh(y).reshape(b * N, D))
     return y, q.view(b, N)
 
 
-def sample_particles(actor, qf, obs, noise, temperature, generator=None):
+def sample_particles(actor, qf, obs, noise, temperature, z=None):
     """sample_chunk over all states. Particles of different states are independent, so states are processed in
-    cache-sized chunks (exact; with a generator, in one chunk, so that its per-step noise is shared by every state).
-    obs (B, obs), noise (B, N, D) -> latents (B, N, D), min-Q (B, N)."""
+    cache-sized chunks (exact). obs (B, obs), noise (B, N, D) -> latents (B, N, D), min-Q (B, N)."""
     B, N, D = noise.shape
     y, q = torch.empty_like(noise), noise.new_empty(B, N)
-    for c in chunks(B, N, obs.device, CPU_CHUNK_ROWS["sampler"]) if generator is None else [slice(None)]:
-        y[c], q[c] = sample_chunk(actor, qf, obs[c], noise[c], temperature, generator)
+    for c in chunks(B, N, obs.device, CPU_CHUNK_ROWS["sampler"]):
+        y[c], q[c] = sample_chunk(actor, qf, obs[c], noise[c], temperature, None if z is None else z[c])
     return y, q
 
 
@@ -427,13 +432,15 @@ def update(batch, actor, qf, qf_target, actor_optimizer, q_optimizer, args):
         next_q = qf_target.min_q(next_obs, torch.tanh(next_y))
         target_q = rewards.flatten() + (1 - dones.flatten()) * args.gamma * next_q  # no entropy term
 
-    # critic: MSE of each member, averaged over the ensemble
+    # critic: each member has its own MSE and its own grad-norm clip, as if trained alone (the official update is
+    # vmapped over members); Adam is elementwise, so one optimizer over both is the same as one per member
     qs = qf(obs, actions)
     qf1_loss, qf2_loss = F.mse_loss(qs[0], target_q), F.mse_loss(qs[1], target_q)
     qf_loss = (qf1_loss + qf2_loss) / 2
     q_optimizer.zero_grad()
-    qf_loss.backward()
-    nn.utils.clip_grad_norm_(qf.parameters(), args.max_grad_norm)
+    (qf1_loss + qf2_loss).backward()  # member j's weights get the gradient of its own loss only
+    for member in qf.members:
+        nn.utils.clip_grad_norm_(member.parameters(), args.max_grad_norm)
     q_optimizer.step()
 
     # posterior target with the just-updated critic, then noise regression (spec §11)
@@ -469,14 +476,21 @@ def act(actor, qf, obs, args):
     return torch.tanh(boltzmann_pick(y, q, args.temperature))
 
 
-def act_eval(actor, qf, obs, eval_noise, args):
-    """Deterministic action: the argmax-Q particle from one fixed noise tensor (N, D) shared by every state, and fixed
-    per-step noise from a generator seeded afresh at every call (DDPM, not DDIM: more robust to eps errors)."""
-    y, q = sample_particles(
-        actor, qf, obs, eval_noise.expand(obs.shape[0], -1, -1), args.temperature,
-        torch.Generator(obs.device).manual_seed(args.seed),
-    )  # fmt: skip
+def act_eval(actor, qf, obs, args):
+    """Deterministic action: the argmax-Q particle, its initial and per-step noise a function of the state (spec §7.1;
+    ancestral DDPM with fixed noise, not DDIM: more robust to eps errors). Slot 0 of z is the initial noise."""
+    z = state_noise(obs, (args.diffusion_steps, args.num_particles, actor.act_dim), args.seed)
+    y, q = sample_particles(actor, qf, obs, z[:, 0], args.temperature, z)
     return torch.tanh(y[torch.arange(y.shape[0], device=y.device), q.argmax(1)])
+
+
+def state_noise(obs, shape, seed):
+    """N(0, I) noise of shape (E, *shape) that is a deterministic function of each observation and the seed: one
+    generator per state, seeded by a hash of the observation's bytes. Evaluation is then reproducible, and different
+    states get independent draws. obs (E, obs_dim)."""
+    keys = [hashlib.blake2b(row.tobytes(), digest_size=8, key=str(seed).encode()).digest() for row in obs.cpu().numpy()]
+    gens = [torch.Generator().manual_seed(int.from_bytes(k, "little")) for k in keys]
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(obs.device)
 
 
 def evaluate(policy, envs, action_scale, action_bias, device):
@@ -544,12 +558,11 @@ if __name__ == "__main__":
     actor_optimizer = optim.Adam(actor.parameters(), lr=args.policy_lr)
     q_optimizer = optim.Adam(qf.parameters(), lr=args.q_lr)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
-    eval_noise = torch.randn(args.num_particles, act_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
     if args.compile:  # the particle sampler is most of an update; compiling fuses its elementwise work
         sample_chunk = torch.compile(sample_chunk)
 
     def policy_eval(o):
-        return act_eval(actor, qf, o, eval_noise, args)
+        return act_eval(actor, qf, o, args)
 
     start_time = time.time()
     last_return = float("nan")

@@ -1,20 +1,28 @@
 # Reverse Flow Matching (Li, Tang, Azizan, ICML 2026, arXiv 2601.08136) with a flow policy; spec: README.md
 import copy
+import hashlib
+import logging
 import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import gymnasium as gym
 import numpy as np
 import torch
+import torch._dynamo  # noqa: F401  (loads triton before any MuJoCo GL context: the reverse order segfaults with EGL)
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+
+# not the user's concern: GLFW's display probe on headless machines, a deprecation in dm_control's own model files
+warnings.filterwarnings("ignore", message=".*DISPLAY environment variable is missing")
+logging.getLogger("absl").addFilter(lambda record: "settotalmass" not in record.getMessage())
 
 
 @dataclass
@@ -64,7 +72,7 @@ class Args:
     q_lr: float = 1e-3
     """the learning rate of the Q network optimizer"""
     max_grad_norm: float = 10.0
-    """global gradient-norm clip of both the actor and the critic"""
+    """gradient-norm clip of the actor, and of each critic member separately"""
     temperature: float = 0.02
     """Boltzmann temperature T of the target exp(Q/T) (spec §1)"""
     flow_steps: int = 10
@@ -395,13 +403,15 @@ def update(batch, actor, qf, qf_target, actor_optimizer, q_optimizer, args):
         next_q = qf_target.min_q(next_obs, torch.tanh(next_y))
         target_q = rewards.flatten() + (1 - dones.flatten()) * args.gamma * next_q  # no entropy term
 
-    # critic: MSE of each member, averaged over the ensemble
+    # critic: each member has its own MSE and its own grad-norm clip, as if trained alone (the official update is
+    # vmapped over members); Adam is elementwise, so one optimizer over both is the same as one per member
     qs = qf(obs, actions)
     qf1_loss, qf2_loss = F.mse_loss(qs[0], target_q), F.mse_loss(qs[1], target_q)
     qf_loss = (qf1_loss + qf2_loss) / 2
     q_optimizer.zero_grad()
-    qf_loss.backward()
-    nn.utils.clip_grad_norm_(qf.parameters(), args.max_grad_norm)
+    (qf1_loss + qf2_loss).backward()  # member j's weights get the gradient of its own loss only
+    for member in qf.members:
+        nn.utils.clip_grad_norm_(member.parameters(), args.max_grad_norm)
     q_optimizer.step()
 
     # posterior target with the just-updated critic, then velocity regression (spec §2, §5)
@@ -436,12 +446,20 @@ def act(actor, qf, obs, args):
     return torch.tanh(boltzmann_pick(y, q, args.temperature))
 
 
-def act_eval(actor, qf, obs, eval_noise, args):
-    """Deterministic action: the argmax-Q particle from one fixed noise tensor (N, D) shared by every state."""
-    y, q = sample_particles(
-        actor, qf, obs, eval_noise.expand(obs.shape[0], -1, -1), args.temperature, args.flow_steps, args.t_min
-    )
+def act_eval(actor, qf, obs, args):
+    """Deterministic action: the argmax-Q particle, its initial noise a function of the state (spec §7.1)."""
+    noise = state_noise(obs, (args.num_particles, actor.act_dim), args.seed)
+    y, q = sample_particles(actor, qf, obs, noise, args.temperature, args.flow_steps, args.t_min)
     return torch.tanh(y[torch.arange(y.shape[0], device=y.device), q.argmax(1)])
+
+
+def state_noise(obs, shape, seed):
+    """N(0, I) noise of shape (E, *shape) that is a deterministic function of each observation and the seed: one
+    generator per state, seeded by a hash of the observation's bytes. Evaluation is then reproducible, and different
+    states get independent draws. obs (E, obs_dim)."""
+    keys = [hashlib.blake2b(row.tobytes(), digest_size=8, key=str(seed).encode()).digest() for row in obs.cpu().numpy()]
+    gens = [torch.Generator().manual_seed(int.from_bytes(k, "little")) for k in keys]
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(obs.device)
 
 
 def evaluate(policy, envs, action_scale, action_bias, device):
@@ -509,12 +527,11 @@ if __name__ == "__main__":
     actor_optimizer = optim.Adam(actor.parameters(), lr=args.policy_lr)
     q_optimizer = optim.Adam(qf.parameters(), lr=args.q_lr)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
-    eval_noise = torch.randn(args.num_particles, act_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
     if args.compile:  # the particle sampler is most of an update; compiling fuses its elementwise work
         sample_chunk = torch.compile(sample_chunk)
 
     def policy_eval(o):
-        return act_eval(actor, qf, o, eval_noise, args)
+        return act_eval(actor, qf, o, args)
 
     start_time = time.time()
     last_return = float("nan")

@@ -189,9 +189,9 @@ def test_noise_net_matches_plain_mlp():
     torch.testing.assert_close(net(obs, x, i, 0.3), net.out(h))
 
 
-def reference_sampler(net, obs, x, temperature, generator):
-    """DDPM ancestral sampling written out with the baselines §0 formulas and net.forward, float64, the x0 prediction
-    clamped to +-net.x0_clip; with a generator, the per-step noise (N, D) comes from it and is shared by every state."""
+def reference_sampler(net, obs, x, temperature, z):
+    """DDPM ancestral sampling written out with the DDPM formulas and net.forward, float64, the x0 prediction
+    clamped to +-net.x0_clip; the per-step noise of step i is z[:, i] when z (B, steps, N, D) is given."""
     steps = net.alpha.shape[0]
     sched = {k: v.numpy() for k, v in rd.cosine_schedule(steps).items()}
     abar = sched["alphabar"]
@@ -204,8 +204,8 @@ def reference_sampler(net, obs, x, temperature, generator):
         x0 = ((x - math.sqrt(1 - abar[i]) * eps) / math.sqrt(abar[i])).clamp(-net.x0_clip, net.x0_clip)
         x = beta * math.sqrt(prev) / (1 - abar[i]) * x0 + (1 - prev) * math.sqrt(1 - beta) / (1 - abar[i]) * x
         if i > 0:
-            z = torch.randn_like(x) if generator is None else torch.randn(N, D, generator=generator, dtype=x.dtype)
-            x = x + math.sqrt(beta * (1 - prev) / (1 - abar[i])) * z
+            noise = torch.randn_like(x) if z is None else z[:, i]
+            x = x + math.sqrt(beta * (1 - prev) / (1 - abar[i])) * noise
     return x
 
 
@@ -218,17 +218,17 @@ def test_sampler_matches_reference_ddpm(steps, fixed_noise, x0_clip):
     for k, v in rd.cosine_schedule(steps).items():  # exact float64 coefficients instead of the float32 buffers
         setattr(net, k, v)
     obs, x = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 5, 2, dtype=torch.float64)
-    gen = (lambda: torch.Generator().manual_seed(5)) if fixed_noise else (lambda: None)  # noqa: E731
+    z = torch.randn(3, steps, 5, 2, dtype=torch.float64) if fixed_noise else None
     torch.manual_seed(1)
-    got = rd.ddpm_sample(net, obs, x, 0.02, gen())
+    got = rd.ddpm_sample(net, obs, x, 0.02, z)
     torch.manual_seed(1)
-    want = reference_sampler(net, obs, x, 0.02, gen())
+    want = reference_sampler(net, obs, x, 0.02, z)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 def test_sampler_with_zero_network():
     """eps = 0: each ancestral step is x <- (c1/alpha + c2) x + sqrt(beta~) z, so the output is N(0, v) with v from the
-    DDPM posterior-mean recursion; with fixed per-step noise, equal states and equal initial noise give equal output."""
+    DDPM posterior-mean recursion; with given per-step noise, the output is a function of the inputs."""
     net = rd.NoiseNet(2, 2, TD, hidden=8, x0_clip=math.inf).double()
     torch.nn.init.zeros_(net.out.weight)
     torch.nn.init.zeros_(net.out.bias)
@@ -242,11 +242,12 @@ def test_sampler_with_zero_network():
     noise = torch.randn(1, 40_000, 2, dtype=torch.float64)
     with torch.no_grad():
         y = rd.ddpm_sample(net, torch.zeros(1, 2, dtype=torch.float64), noise, 0.02)
-        fixed = [rd.ddpm_sample(net, torch.zeros(2, 2, dtype=torch.float64), noise[:, :5].expand(2, -1, -1), 0.02,
-                                torch.Generator().manual_seed(3)) for _ in range(2)]  # fmt: skip
+        z = torch.randn(2, TD, 5, 2, dtype=torch.float64)
+        fixed = [rd.ddpm_sample(net, torch.zeros(2, 2, dtype=torch.float64), noise[:, :5].expand(2, -1, -1), 0.02, z)
+                 for _ in range(2)]  # fmt: skip
     assert abs(y.mean().item()) < 4 * math.sqrt(v / y.numel())
     assert y.var().item() == pytest.approx(v, rel=0.03)
-    assert torch.equal(fixed[0], fixed[1]) and torch.equal(fixed[0][0], fixed[0][1])
+    assert torch.equal(fixed[0], fixed[1]) and not torch.equal(fixed[0][0], fixed[0][1])
 
 
 def test_sampler_clamps_the_x0_prediction():
@@ -266,16 +267,20 @@ def test_act_eval_is_deterministic_in_the_state():
     torch.manual_seed(0)
     args = rd.Args(num_particles=8, diffusion_steps=5)
     net, qf = rd.NoiseNet(3, 2, args.diffusion_steps), rd.TwinQ(3, 2)
-    eval_noise = torch.randn(args.num_particles, 2)
     obs = torch.randn(4, 3)
     with torch.no_grad():
-        a1 = rd.act_eval(net, qf, obs, eval_noise, args)
+        a1 = rd.act_eval(net, qf, obs, args)
         torch.randn(100)  # other draws in between must not matter
-        a2 = rd.act_eval(net, qf, obs, eval_noise, args)
-        a3 = rd.act_eval(net, qf, obs[2:3], eval_noise, args)
+        a2 = rd.act_eval(net, qf, obs, args)
+        a3 = rd.act_eval(net, qf, obs[2:3], args)
         b = rd.act(net, qf, obs, args)
+        # reference: initial noise z[:, 0] and per-step noise z[:, i] from the state, argmax of min-Q
+        z = rd.state_noise(obs, (5, 8, 2), args.seed)
+        y = rd.ddpm_sample(net, obs, z[:, 0], args.temperature, z)
+        q = qf(obs.repeat_interleave(8, 0), torch.tanh(y).reshape(-1, 2)).min(0).values.view(4, 8)
     assert torch.equal(a1, a2)
     torch.testing.assert_close(a3[0], a1[2])
+    torch.testing.assert_close(a1, torch.tanh(y[torch.arange(4), q.argmax(1)]))
     assert a1.shape == b.shape == (4, 2) and a1.abs().max() <= 1 and b.abs().max() <= 1
 
 

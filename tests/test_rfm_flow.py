@@ -501,18 +501,18 @@ def test_boltzmann_pick_frequencies_match_softmax():
 
 
 def test_act_eval_is_deterministic_argmax_of_particles():
-    """§7.1 evaluation: the same fixed noise for every state; returns tanh of the argmax-min-Q particle."""
+    """§7.1 evaluation: initial noise from the state itself; returns tanh of the argmax-min-Q particle."""
     actor, qf = small_nets()
     args = rf.Args(num_particles=16, flow_steps=3)
-    eval_noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(7))
     obs = torch.randn(6, 3, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
-        a1 = rf.act_eval(actor, qf, obs, eval_noise, args)
+        a1 = rf.act_eval(actor, qf, obs, args)
         torch.manual_seed(123)  # the global RNG must not matter
-        a2 = rf.act_eval(actor, qf, obs, eval_noise, args)
-        single = rf.act_eval(actor, qf, obs[2:3], eval_noise, args)
+        a2 = rf.act_eval(actor, qf, obs, args)
+        single = rf.act_eval(actor, qf, obs[2:3], args)
         # reference: integrate every particle of every state, score with min over both online critics
-        y = rf.integrate_flow(actor, obs, eval_noise.expand(6, -1, -1), args.temperature, args.flow_steps, args.t_min)
+        noise = rf.state_noise(obs, (16, 2), args.seed)
+        y = rf.integrate_flow(actor, obs, noise, args.temperature, args.flow_steps, args.t_min)
         q = qf(obs.repeat_interleave(16, 0), torch.tanh(y).reshape(-1, 2)).min(0).values.view(6, 16)
     assert a1.shape == (6, 2) and (a1.abs() <= 1).all()
     torch.testing.assert_close(a1, a2, atol=0, rtol=0)
@@ -520,6 +520,26 @@ def test_act_eval_is_deterministic_argmax_of_particles():
     best = q.argmax(1)
     torch.testing.assert_close(a1, torch.tanh(y[torch.arange(6), best]), atol=1e-6, rtol=1e-6)
     assert len(set(best.tolist())) > 1  # the argmax is state-dependent, not a fixed particle
+
+
+@pytest.mark.parametrize("script", ["rfm_flow", "rfm_diffusion"])
+def test_eval_noise_is_a_function_of_each_state(script):
+    """Evaluation noise: the same for the same observation (whatever the batch around it, the global RNG, the
+    call), independent across states and seeds, standard normal."""
+    state_noise = __import__(script).state_noise
+    obs = torch.randn(300, 3, generator=torch.Generator().manual_seed(0))
+    z = state_noise(obs, (4, 2), seed=1)
+    torch.manual_seed(5)
+    assert z.shape == (300, 4, 2)
+    assert torch.equal(state_noise(obs[7:9].flip(0), (4, 2), seed=1), z[7:9].flip(0))
+    assert not torch.equal(state_noise(obs, (4, 2), seed=2), z)
+    rows = z.reshape(300, -1)
+    assert len({tuple(r.tolist()) for r in rows}) == 300  # different states, different draws
+    corr = torch.corrcoef(rows[:, :2].T)[0, 1]  # no shared component across states
+    assert abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.05 and abs(corr) < 0.2
+    gen_state = torch.get_rng_state()
+    state_noise(obs, (4, 2), seed=1)
+    assert torch.equal(gen_state, torch.get_rng_state())  # training draws are untouched by evaluation
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -586,6 +606,31 @@ def test_update_critic_target_has_no_entropy_term():
     logs = rf.update(batch, actor, qf, qf_target, a_opt, q_opt, args)
     torch.testing.assert_close(logs["losses/qf1_loss"], (qs[0] ** 2).mean(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(logs["losses/qf2_loss"], (qs[1] ** 2).mean(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("script", ["rfm_flow", "rfm_diffusion"])
+def test_critic_members_are_clipped_separately(script, monkeypatch):
+    """§7.2 step 3, as the official update vmapped over members: member j's gradient is that of its own MSE, clipped
+    to norm max_grad_norm on its own (a joint clip over both would scale both by one factor)."""
+    mod = __import__(script)
+    batch, _, qf, qf_target, _, q_opt, args = make_update_setup(rewards="zero-terminal", max_grad_norm=1e-3)
+    actor = mod.NoiseNet(UOBS, UACT, 2) if script == "rfm_diffusion" else rf.VelocityField(UOBS, UACT)
+    a_opt = torch.optim.Adam(actor.parameters(), lr=1e-3)
+    args = mod.Args(**{k: v for k, v in vars(args).items() if hasattr(mod.Args, k)})
+    if script == "rfm_diffusion":
+        args.diffusion_steps = 2
+    obs, actions = batch[0], batch[1]
+    expected = []
+    for j, member in enumerate(qf.members):  # target is exactly 0 here: loss_j = mean(Q_j^2)
+        grads = torch.autograd.grad((qf(obs, actions)[j] ** 2).mean(), list(member.parameters()))
+        norm = torch.cat([g.flatten() for g in grads]).norm()
+        assert norm > 10 * args.max_grad_norm  # the clip is active
+        expected += [g * args.max_grad_norm / norm for g in grads]
+    seen, step = [], q_opt.step
+    monkeypatch.setattr(q_opt, "step", lambda *a, **k: (seen.append([p.grad.clone() for p in qf.parameters()]), step(*a, **k)))
+    mod.update(batch, actor, qf, qf_target, a_opt, q_opt, args)
+    for got, want in zip(seen[0], expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
