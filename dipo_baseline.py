@@ -1,21 +1,28 @@
 # DIPO (Yang et al., arXiv 2305.13122) as the official code (BellmanTimeHut/DIPO) runs it; spec: baselines.md §0, §2
 import copy
 import dataclasses
+import logging
 import math
 import os
 import random
 import re
 import time
+import warnings
 from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
 import torch
+import torch._dynamo  # noqa: F401  (loads triton before any MuJoCo GL context: the reverse order segfaults with EGL)
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+
+# not the user's concern: GLFW's display probe on headless machines, a deprecation in dm_control's own model files
+warnings.filterwarnings("ignore", message=".*DISPLAY environment variable is missing")
+logging.getLogger("absl").addFilter(lambda record: "settotalmass" not in record.getMessage())
 
 
 @dataclass
@@ -78,6 +85,10 @@ class Args:
     """Polyak-update the actor target every this many updates; None: per-env table (HalfCheetah 2), else 1"""
     timeout_as_terminal: bool = False
     """treat time-limit truncation as terminal, as the official code does (spec §0); default bootstraps through it"""
+    write_back: bool = False
+    """write the improved actions back into the diffusion memory, as the DIPO paper describes, so a resampled pair
+    keeps improving; default (the official code's effective behaviour): nothing is written, every update restarts the
+    ascent from the stored behaviour actions"""
 
 
 # per-environment settings of the official README (spec §2.3): max_grad_norm, action_grad_ratio, action_gradient_steps,
@@ -195,8 +206,10 @@ class ReplayBuffer:
 
 
 class DiffusionMemory:
-    """Persistent (s, a in [-1, 1]) copies of every env step, own ring indices; sampled actions are improved by the
-    action ascent and written back in place, so they keep improving each time they are resampled (spec §2.2)."""
+    """Persistent (s, a in [-1, 1]) copies of every env step, own ring indices. Sampled actions are improved by the
+    action ascent. The official code's write-back (np.copyto onto best_actions[idxs], a fancy-indexed copy) writes
+    nothing, so by default the stored actions stay the behaviour actions; with --write-back, write_back stores the
+    improved ones and they keep improving each time they are resampled (the DIPO paper's description)."""
 
     def __init__(self, size, obs_dim, act_dim, device):
         self.size, self.ptr, self.full, self.device = size, 0, False, device
@@ -444,12 +457,13 @@ def update(batch, memory, actor, actor_target, qf, qf_target, actor_optimizer, q
     nn.utils.clip_grad_norm_(qf.parameters(), args.max_grad_norm)
     q_optimizer.step()
 
-    # action gradient on a diffusion-memory batch with the just-updated critic, written back in place
+    # action gradient on a diffusion-memory batch with the just-updated critic; stored only with --write-back
     mem_obs, mem_actions, idx = memory.sample(args.batch_size)
     improved, q_gain = improve_actions(
         qf, mem_obs, mem_actions, args.action_gradient_steps, args.action_lr, args.action_grad_ratio * actions.shape[1]
     )
-    memory.write_back(idx, improved)
+    if args.write_back:
+        memory.write_back(idx, improved)
 
     # behaviour cloning of the improved actions
     actor_loss = diffusion_loss(actor, sched, mem_obs, improved)

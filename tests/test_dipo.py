@@ -128,12 +128,14 @@ def test_ascent_keeps_actions_in_the_box():
 
 
 def small_agent(obs_dim=5, act_dim=2, **overrides):
+    """Tiny agent whose target nets are initialised independently of the online ones (as they differ after training),
+    so that using one in place of the other changes the numbers."""
     args = dipo.resolve_args(dipo.Args(batch_size=16, diffusion_steps=3, action_gradient_steps=2, **overrides))
     torch.manual_seed(0)
-    actor = dipo.Denoiser(obs_dim, act_dim)
-    qf = dipo.TwinQ(obs_dim, act_dim)
+    actor, qf = dipo.Denoiser(obs_dim, act_dim), dipo.TwinQ(obs_dim, act_dim)
+    actor_target, qf_target = dipo.Denoiser(obs_dim, act_dim), dipo.TwinQ(obs_dim, act_dim)
     return dict(
-        actor=actor, actor_target=copy.deepcopy(actor), qf=qf, qf_target=copy.deepcopy(qf),
+        actor=actor, actor_target=actor_target, qf=qf, qf_target=qf_target,
         actor_optimizer=torch.optim.Adam(actor.parameters(), lr=args.policy_lr, eps=1e-5),
         q_optimizer=torch.optim.Adam(qf.parameters(), lr=args.q_lr, eps=1e-5),
         sched=dipo.DDPMSchedule(args.diffusion_steps, torch.device("cpu")), args=args,
@@ -148,38 +150,149 @@ def filled_memory(n=200, obs_dim=5, act_dim=2):
 
 
 def replay_batch(n=16, obs_dim=5, act_dim=2):
+    """(s, a, r, s', done) with about half the rows terminal."""
     g = torch.Generator().manual_seed(1)
     return (torch.randn(n, obs_dim, generator=g), torch.rand(n, act_dim, generator=g) * 2 - 1,
-            torch.rand(n, 1, generator=g), torch.randn(n, obs_dim, generator=g), torch.zeros(n, 1))  # fmt: skip
+            torch.rand(n, 1, generator=g), torch.randn(n, obs_dim, generator=g),
+            (torch.rand(n, 1, generator=g) < 0.5).float())  # fmt: skip
 
 
-def test_update_writes_improved_actions_back_at_the_sampled_indices(monkeypatch):
-    agent, memory = small_agent(), filled_memory()
-    before = memory.actions.clone()
-    seen = {}
-    sample, improve = memory.sample, dipo.improve_actions
+def spy_on_update(monkeypatch, memory):
+    """Record, per update call, the memory batch (obs, actions, idx), the ascent's arguments and output, and the
+    behaviour-cloning loss's arguments. Returns the list of records (one dict per update)."""
+    calls = []
+    sample, improve, bc_loss = memory.sample, dipo.improve_actions, dipo.diffusion_loss
 
     def spy_sample(batch_size):
-        seen["obs"], seen["actions"], seen["idx"] = out = sample(batch_size)
+        out = sample(batch_size)
+        calls.append(dict(zip(("obs", "actions", "idx"), out)))
         return out
 
-    def spy_improve(*a):
-        out = improve(*a)
-        seen["improved"] = out[0]
+    def spy_improve(qf, obs, actions, steps, lr, max_norm):
+        calls[-1]["ascent"] = dict(qf=qf, qf_params=[p.detach().clone() for p in qf.parameters()], obs=obs,
+                                   actions=actions, steps=steps, lr=lr, max_norm=max_norm)  # fmt: skip
+        out = improve(qf, obs, actions, steps, lr, max_norm)
+        calls[-1]["improved"] = out[0]
         return out
+
+    def spy_bc_loss(actor, sched, obs, actions):
+        calls[-1]["bc"] = dict(actor=actor, obs=obs, actions=actions)
+        return bc_loss(actor, sched, obs, actions)
 
     monkeypatch.setattr(memory, "sample", spy_sample)
     monkeypatch.setattr(dipo, "improve_actions", spy_improve)
+    monkeypatch.setattr(dipo, "diffusion_loss", spy_bc_loss)
+    return calls
+
+
+def test_default_does_not_write_back(monkeypatch):
+    """Official effective behaviour (np.copyto onto a fancy-indexed copy writes nothing): the memory keeps the
+    behaviour actions, so a later update's ascent starts again from them. 16 draws from 20 rows: the updates overlap."""
+    agent, memory = small_agent(), filled_memory(n=20)
+    assert agent["args"].write_back is False
+    before = memory.actions.clone()
+    calls = spy_on_update(monkeypatch, memory)
+    for n in range(2):
+        dipo.update(replay_batch(), memory, num_updates=n, **agent)
+    first, second = calls
+    assert not torch.equal(first["improved"], first["actions"])  # the ascent moved them: a write-back would show
+    assert torch.equal(memory.actions, before)
+    shared = torch.isin(second["idx"], first["idx"])
+    assert shared.any()
+    torch.testing.assert_close(second["ascent"]["actions"], before[second["idx"]], rtol=0, atol=0)
+
+
+def test_write_back_flag_stores_improved_actions_at_the_sampled_indices(monkeypatch):
+    """--write-back (the DIPO paper): improved actions replace the stored ones at the sampled rows, other rows stay,
+    and a later update's ascent starts from the improved actions."""
+    agent, memory = small_agent(write_back=True), filled_memory(n=20)
+    before = memory.actions.clone()
+    calls = spy_on_update(monkeypatch, memory)
     logs = dipo.update(replay_batch(), memory, num_updates=0, **agent)
-    idx = seen["idx"]
-    assert len(idx) == 16 and not torch.equal(seen["improved"], seen["actions"])
-    torch.testing.assert_close(memory.actions[idx], seen["improved"], rtol=0, atol=0)
+    (first,) = calls
+    idx = first["idx"]
+    assert len(idx) == 16 and not torch.equal(first["improved"], first["actions"])
+    torch.testing.assert_close(memory.actions[idx], first["improved"], rtol=0, atol=0)
     untouched = torch.ones(len(before), dtype=torch.bool)
     untouched[idx] = False
+    assert untouched.any()
     torch.testing.assert_close(memory.actions[untouched], before[untouched], rtol=0, atol=0)
-    torch.testing.assert_close(memory.obs[idx], seen["obs"])
+    torch.testing.assert_close(memory.obs[idx], first["obs"])
     assert set(logs) >= {"losses/qf_loss", "losses/actor_loss", "dipo/q_gain"}
     assert all(torch.isfinite(v) for v in logs.values())
+
+    after_first = memory.actions.clone()
+    dipo.update(replay_batch(), memory, num_updates=1, **agent)
+    second = calls[1]
+    shared = torch.isin(second["idx"], idx)
+    assert shared.any()
+    torch.testing.assert_close(second["ascent"]["actions"], after_first[second["idx"]], rtol=0, atol=0)
+    assert not torch.equal(second["ascent"]["actions"][shared], before[second["idx"][shared]])
+
+
+def test_critic_target_is_hand_computed():
+    """y = r + gamma (1 - d) min(Q1', Q2')(s', a'), a' one sample of the target actor with per-step noise 1 (DIPO
+    paper / official code): replay the update's random draws by hand and compare the critic losses it reports."""
+    agent, memory = small_agent(gamma=0.9), filled_memory()
+    with torch.no_grad():  # untrained nets give eps_theta ~ 0 and Q ~ 0, which hide a swap or a missing gamma
+        agent["actor_target"].out.bias.fill_(0.5)
+        agent["qf_target"].biases[-1].fill_(5.0)
+    actor_t, qf_t = copy.deepcopy(agent["actor_target"]), copy.deepcopy(agent["qf_target"])
+    actor_pre, qf_pre = copy.deepcopy(agent["actor"]), copy.deepcopy(agent["qf"])
+    obs, actions, rewards, next_obs, dones = batch = replay_batch()
+    assert 0 < dones.sum() < len(dones)
+    torch.manual_seed(7)
+    logs = dipo.update(batch, memory, num_updates=0, **agent)
+
+    def critic_loss(actor, critic, gamma):
+        torch.manual_seed(7)
+        with torch.no_grad():
+            next_actions = dipo.ddpm_sample(actor, next_obs, agent["sched"], 1.0)
+            y = rewards.flatten() + (1 - dones.flatten()) * gamma * critic.min_q(next_obs, next_actions)
+            qs = qf_pre(obs, actions)
+        return F.mse_loss(qs[0], y), F.mse_loss(qs[1], y), qs[0].mean()
+
+    qf1_loss, qf2_loss, qf1_values = critic_loss(actor_t, qf_t, 0.9)
+    torch.testing.assert_close(logs["losses/qf1_loss"], qf1_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(logs["losses/qf2_loss"], qf2_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(logs["losses/qf1_values"], qf1_values, rtol=1e-5, atol=1e-7)
+    # the check can tell: the online actor, the online critic, or no discount would give another loss
+    for wrong in [(actor_pre, qf_t, 0.9), (actor_t, qf_pre, 0.9), (actor_t, qf_t, 1.0)]:
+        assert not torch.isclose(critic_loss(*wrong)[0], qf1_loss, rtol=1e-3)
+
+
+def test_ascent_and_cloning_wiring(monkeypatch):
+    """The ascent runs on the diffusion-memory batch (not the replay batch) with the online critic after its Adam step
+    (not the target); the actor then clones the improved actions at the memory states."""
+    agent, memory = small_agent(), filled_memory()
+    args, qf_pre = agent["args"], copy.deepcopy(agent["qf"])
+    calls = spy_on_update(monkeypatch, memory)
+    batch = replay_batch()
+    dipo.update(batch, memory, num_updates=0, **agent)
+    (call,) = calls
+    ascent, bc = call["ascent"], call["bc"]
+    assert ascent["qf"] is agent["qf"]
+    assert all(not torch.equal(p, q) for p, q in zip(ascent["qf_params"], qf_pre.parameters()))  # just updated
+    assert torch.equal(ascent["obs"], call["obs"]) and torch.equal(ascent["actions"], call["actions"])
+    assert not torch.equal(call["obs"], batch[0])
+    assert (ascent["steps"], ascent["lr"]) == (args.action_gradient_steps, args.action_lr)
+    assert ascent["max_norm"] == pytest.approx(args.action_grad_ratio * 2)  # ratio * act_dim
+    assert bc["actor"] is agent["actor"]
+    assert torch.equal(bc["obs"], call["obs"]) and torch.equal(bc["actions"], call["improved"])
+
+
+def test_behaviour_samples_with_noise_and_eval_without():
+    """act: one DDPM sample with per-step noise 1; act_eval: noise_ratio 0 (the initial x is still random)."""
+    torch.manual_seed(0)
+    actor, sched, obs = dipo.Denoiser(5, 2), dipo.DDPMSchedule(5, torch.device("cpu")), torch.randn(8, 5)
+    outs = {}
+    for name, fn in [("act", lambda: dipo.act(actor, obs, sched)), ("eval", lambda: dipo.act_eval(actor, obs, sched)),
+                     ("noise1", lambda: dipo.ddpm_sample(actor, obs, sched, 1.0)),
+                     ("noise0", lambda: dipo.ddpm_sample(actor, obs, sched, 0.0))]:  # fmt: skip
+        torch.manual_seed(3)
+        outs[name] = fn()
+    assert torch.equal(outs["act"], outs["noise1"]) and torch.equal(outs["eval"], outs["noise0"])
+    assert not torch.allclose(outs["act"], outs["eval"], atol=1e-3)  # same initial x: the per-step noise shows
 
 
 @pytest.mark.parametrize("period", [1, 2])
@@ -364,7 +477,8 @@ def hyperparameters(run_dir):
 
 @pytest.mark.parametrize("env_id", ["Hopper-v5", "dm_control/cartpole-swingup-v0"])
 def test_end_to_end(run, env_id):
-    proc, run_dir = run(SCRIPT, "--env-id", env_id, *FAST, "--action-grad-ratio", 0.2, "--save-model")
+    write_back = ["--write-back"] if env_id == "Hopper-v5" else []  # the paper's variant runs too
+    proc, run_dir = run(SCRIPT, "--env-id", env_id, *FAST, "--action-grad-ratio", 0.2, "--save-model", *write_back)
     assert proc.returncode == 0, proc.stderr[-3000:]
     scalars = read_scalars(run_dir)
     for key in ["losses/qf1_loss", "losses/qf2_loss", "losses/qf_loss", "losses/qf1_values", "losses/actor_loss",
@@ -376,6 +490,7 @@ def test_end_to_end(run, env_id):
     hp = hyperparameters(run_dir)
     assert "|action_grad_ratio|0.2|" in hp and "|action_gradient_steps|3|" in hp  # flags win over the table
     assert "|max_grad_norm|1.0|" in hp if env_id == "Hopper-v5" else "|max_grad_norm|2.0|" in hp  # table / general
+    assert f"|write_back|{bool(write_back)}|" in hp
 
 
 def last_q(run_dir):
@@ -424,7 +539,8 @@ def test_bad_input(run, flags):
 @pytest.mark.slow
 def test_learns_context_bandit(run):
     """One-step bandit, optimum 1. Before learning the eval return is about -1; the best context-free action gets
-    0.958, so >= 0.97 needs the policy to use the context."""
+    0.958, so >= 0.97 needs the policy to use the context. Default (no write-back) measured -1.14, 0.99, 1.00 at
+    steps 500, 1000, 1500; a frozen actor (--policy-lr 1e-9) stays at -1.14, -1.27, -1.14."""
     proc, run_dir = run(SCRIPT, "--env-id", BANDIT, "--total-timesteps", 1500, "--learning-starts", 500,
                         "--batch-size", 64, "--diffusion-steps", 20, "--eval-every", 500, "--eval-episodes", 50)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
