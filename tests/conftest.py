@@ -13,9 +13,10 @@ sys.path.insert(0, str(ROOT))
 BANDIT = "tests.toy_envs:ContextBandit-v0"
 
 
-def run_script(script, args, cwd, timeout=600):
-    """`python <ROOT>/<script> <args>` with cwd as the run directory; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
+def run_script(script, args, cwd, timeout=600, **env_vars):
+    """`python <ROOT>/<script> <args>` with cwd as the run directory (and extra environment variables, e.g.
+    MUJOCO_GL="egl"); returns the CompletedProcess. The user's MUJOCO_GL is otherwise left as it is."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **env_vars)
     cmd = [sys.executable, str(ROOT / script), *[str(a) for a in args]]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -48,8 +49,8 @@ def assert_one_line_error(proc, run_dir):
 def run(tmp_path):
     """run(script, *args) -> (CompletedProcess, run_dir or None), executed inside tmp_path."""
 
-    def _run(script, *args, timeout=600):
-        proc = run_script(script, args, tmp_path, timeout)
+    def _run(script, *args, timeout=600, **env_vars):
+        proc = run_script(script, args, tmp_path, timeout, **env_vars)
         runs = tmp_path / "runs"
         run_dir = single_run_dir(tmp_path) if runs.exists() and any(runs.iterdir()) else None
         return proc, run_dir

@@ -8,12 +8,15 @@ class ContextBandit(gym.Env):
     """One-step episodes. Context s ~ U[-1, 1]^2; reward 1 - ||a - a*(s)||^2 / 4 with a*(s) = center + 0.5 * s.
 
     The action box is deliberately not [-1, 1] (low -1, high 3 per dimension) so rescaling is exercised. The
-    optimal return is 1 for every context; a uniform-random policy gets about 0.17.
+    optimal return is 1 for every context; a uniform-random policy gets about 0.17. `render_mode="rgb_array"` draws
+    the context as a 64x64 image (for --capture-video tests).
     """
 
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
     center = np.array([1.5, 0.5])
 
-    def __init__(self):
+    def __init__(self, render_mode=None):
+        self.render_mode = render_mode
         self.observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 3.0, (2,), np.float32)
 
@@ -27,6 +30,31 @@ class ContextBandit(gym.Env):
         reward = 1.0 - float(np.sum((np.asarray(action, dtype=np.float64) - best) ** 2)) / 4.0
         return self.s.copy(), reward, True, False, {}
 
+    def render(self):
+        frame = np.zeros((64, 64, 3), np.uint8)
+        frame[..., :2] = ((self.s + 1) * 127.5).astype(np.uint8)
+        return frame
+
+
+class TwoModeBandit(gym.Env):
+    """One-step episodes, constant observation 0, one action in [-1, 1]; reward 1 - 4 min((a - 0.5)^2, (a + 0.5)^2).
+
+    Two equal optima at a = -0.5 and a = 0.5 (return 1) separated by a = 0 (return 0): a Boltzmann policy puts half
+    its mass near each, a policy that collapsed onto one optimum scores as well but covers one mode only.
+    """
+
+    def __init__(self):
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        a = float(np.asarray(action).reshape(-1)[0])
+        return np.zeros(1, np.float32), 1.0 - 4.0 * min((a - 0.5) ** 2, (a + 0.5) ** 2), True, False, {}
+
 
 class Unbounded(ContextBandit):
     """Same, with an infinite action box: scripts must refuse it."""
@@ -37,4 +65,5 @@ class Unbounded(ContextBandit):
 
 
 gym.register("ContextBandit-v0", entry_point=ContextBandit)
+gym.register("TwoModeBandit-v0", entry_point=TwoModeBandit)
 gym.register("Unbounded-v0", entry_point=Unbounded)
