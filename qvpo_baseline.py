@@ -1,19 +1,26 @@
 # QVPO (Ding et al., NeurIPS 2024, arXiv 2405.16173) as wadx2019/qvpo runs it (--weighted --aug); spec: baselines §0-1
 import copy
+import logging
 import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
 import torch
+import torch._dynamo  # noqa: F401  (loads triton before any MuJoCo GL context: the reverse order segfaults with EGL)
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+
+# not the user's concern: GLFW's display probe on headless machines, a deprecation in dm_control's own model files
+warnings.filterwarnings("ignore", message=".*DISPLAY environment variable is missing")
+logging.getLogger("absl").addFilter(lambda record: "settotalmass" not in record.getMessage())
 
 
 @dataclass
@@ -77,9 +84,13 @@ class Args:
     eval_samples: int = 32
     """samples per state for the evaluation action, argmax of the current min-Q (spec §1.3)"""
     entropy_alpha: float = 0.02
-    """initial weight of the uniform entropy rows, decayed linearly over total_timesteps (spec §1.2)"""
+    """initial weight of the uniform entropy rows, decayed linearly over total_timesteps to --entropy-alpha-min.
+    0 turns the entropy term off as the official code does: the uniform rows are then dropped, not kept with weight 0,
+    so the policy loss is the weighted eps-MSE over the best actions only (not diluted by 1 + N_e). The official rule
+    adds the rows while the current weight is > 0; as the floor is capped at this value and the decay stays > 0
+    before total_timesteps, that is exactly when --entropy-alpha > 0"""
     entropy_alpha_min: float = 0.002
-    """floor of the entropy weight"""
+    """floor of the entropy weight, capped at --entropy-alpha as officially (so --entropy-alpha 0 alone gives 0)"""
     timeout_as_terminal: bool = False
     """if toggled, time-limit truncation is terminal as in the official code (default: bootstrap through it)"""
 
@@ -141,7 +152,7 @@ def check_args(args):
             (args.target_samples < 1, "--target-samples must be >= 1"),
             (args.eval_samples < 1, "--eval-samples must be >= 1"),
             (not args.entropy_alpha >= 0, "--entropy-alpha must be >= 0"),
-            (not 0 <= args.entropy_alpha_min <= args.entropy_alpha, "--entropy-alpha-min must be in [0, --entropy-alpha]"),
+            (not args.entropy_alpha_min >= 0, "--entropy-alpha-min must be >= 0"),
         ]
         if bad
     ]
@@ -349,8 +360,9 @@ def qadv_weight(q):
 
 
 def entropy_coef(step, total_timesteps, alpha, alpha_min):
-    """alpha_ent = max(alpha_min, alpha (1 - step / total_timesteps)) (spec §1.2)."""
-    return max(alpha_min, alpha * (1.0 - step / total_timesteps))
+    """alpha_ent = min(alpha, max(alpha_min, alpha (1 - step / total_timesteps))), the official schedule: a linear
+    decay to the floor alpha_min, never above alpha (so 0 when alpha is 0, and constant alpha if alpha < alpha_min)."""
+    return min(alpha, max(alpha_min, alpha * (1.0 - step / total_timesteps)))
 
 
 def weighted_eps_loss(actor, obs, actions, weights, i=None, noise=None):
@@ -366,7 +378,11 @@ def weighted_eps_loss(actor, obs, actions, weights, i=None, noise=None):
 
 def policy_rows(obs, best, weight, num_uniform, entropy_alpha):
     """Rows of the policy loss (spec §1.2): each state's best action with weight w(s), then num_uniform U(-1, 1)^D
-    actions per state with weight entropy_alpha w(s). Returns (obs, actions, weights) of B (1 + num_uniform) rows."""
+    actions per state with weight entropy_alpha w(s). Returns (obs, actions, weights) of B (1 + num_uniform) rows.
+    With entropy_alpha 0 the uniform rows are left out (B rows), as the official code adds them only when its
+    entropy weight is > 0: zero-weight rows would otherwise still count in the loss mean and dilute it."""
+    if not entropy_alpha > 0:
+        return obs, best, weight
     B, D = best.shape
     uniform = torch.rand(B * num_uniform, D, device=best.device) * 2 - 1
     return (
