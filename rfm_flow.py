@@ -1,5 +1,6 @@
-# Reverse Flow Matching (Li, Tang, Azizan, ICML 2026, arXiv 2601.08136) with a flow policy; spec: README.md
+# Reverse Flow Matching (Li, Tang, Azizan, ICML 2026, arXiv 2601.08136) with a flow policy; math: docs/rfm.md
 import copy
+import functools
 import hashlib
 import logging
 import math
@@ -46,7 +47,7 @@ class Args:
     save_model: bool = False
     """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
     compile: bool = False
-    """if toggled, the particle sampler (`sample_chunk`) is compiled with torch.compile"""
+    """if toggled, the particle sampler (policy ODE + min-Q scoring) is compiled with torch.compile"""
 
     # Algorithm specific arguments
     env_id: str = "dm_control/cheetah-run-v0"
@@ -74,21 +75,21 @@ class Args:
     max_grad_norm: float = 10.0
     """gradient-norm clip of the actor, and of each critic member separately"""
     temperature: float = 0.02
-    """Boltzmann temperature T of the target exp(Q/T) (spec §1)"""
+    """Boltzmann temperature T of the target exp(Q/T) (docs/rfm.md §1)"""
     flow_steps: int = 10
-    """explicit Euler steps of the policy ODE (spec §7.1)"""
+    """explicit Euler steps of the policy ODE (docs/rfm.md §7.1)"""
     t_min: float = 0.01
-    """flow time runs over [t_min, 1 - t_min] (spec §2)"""
+    """flow time runs over [t_min, 1 - t_min] (docs/rfm.md §2)"""
     num_particles: int = 32
-    """policy particles per state for acting, TD targets and evaluation (spec §7.1)"""
+    """policy particles per state for acting, TD targets and evaluation (docs/rfm.md §7.1)"""
     num_posterior_samples: int = 100
-    """reverse proposals K per (state, y_t) (spec §3)"""
+    """reverse proposals K per (state, y_t) (docs/rfm.md §3)"""
     estimator: Literal["stein", "noise", "gradient"] = "stein"
-    """posterior-mean estimator: plug-in control variate, lambda=0, or lambda=((1-t)/t)^2 (spec §5)"""
+    """posterior-mean estimator: plug-in control variate, lambda=0, or lambda=((1-t)/t)^2 (docs/rfm.md §5)"""
     cv_ridge: float = 1e-4
-    """ridge rho of the plug-in control-variate coefficient (spec §6)"""
+    """ridge rho of the plug-in control-variate coefficient (docs/rfm.md §6)"""
     cv_clip: float = 2.0
-    """clip c of the plug-in control-variate coefficient (spec §6)"""
+    """clip c of the plug-in control-variate coefficient (docs/rfm.md §6)"""
 
 
 def make_env(env_id, seed, idx, capture_video, run_name):
@@ -111,79 +112,31 @@ def make_env(env_id, seed, idx, capture_video, run_name):
     return thunk
 
 
-def check_env(env_id):
-    """Fail before training, in one line, on an id gymnasium cannot make or spaces the policy cannot drive."""
-    try:
-        env = make_env(env_id, 0, 0, False, "")()
-    except (gym.error.Error, ImportError) as e:
-        raise SystemExit(f"error: unknown env id {env_id!r}: {e}")
-    obs_space, act_space = env.observation_space, env.action_space
-    env.close()
-    if not isinstance(act_space, gym.spaces.Box):
-        raise SystemExit(f"error: {env_id} has a {type(act_space).__name__} action space; only continuous Box is supported")
-    if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
-        raise SystemExit(f"error: {env_id} has unbounded actions; the policy needs finite bounds to rescale [-1, 1]")
-    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise SystemExit(f"error: {env_id} observations are {obs_space}; a flat Box (or a Dict of them) is required")
-
-
-def check_args(args):
-    problems = [
-        msg
-        for bad, msg in [
-            (args.total_timesteps < 1, "--total-timesteps must be >= 1"),
-            (args.buffer_size < 1, "--buffer-size must be >= 1"),
-            (args.batch_size < 1, "--batch-size must be >= 1"),
-            (args.learning_starts < 0, "--learning-starts must be >= 0"),
-            (args.eval_every < 1, "--eval-every must be >= 1"),
-            (args.eval_episodes < 1, "--eval-episodes must be >= 1"),
-            (not 0.0 <= args.gamma <= 1.0, "--gamma must be in [0, 1]"),
-            (not 0.0 < args.tau <= 1.0, "--tau must be in (0, 1]"),
-            (args.policy_lr <= 0 or args.q_lr <= 0, "--policy-lr and --q-lr must be > 0"),
-            (args.max_grad_norm <= 0, "--max-grad-norm must be > 0"),
-            (not args.temperature > 0, "--temperature must be > 0"),
-            (args.flow_steps < 1, "--flow-steps must be >= 1"),
-            (not 0.0 < args.t_min < 0.5, "--t-min must be in (0, 0.5) so that [t_min, 1 - t_min] is a valid time range"),
-            (args.num_particles < 1, "--num-particles must be >= 1"),
-            (args.num_posterior_samples < 1, "--num-posterior-samples must be >= 1"),
-            (args.cv_ridge < 0, "--cv-ridge must be >= 0"),
-            (args.cv_clip < 0, "--cv-clip must be >= 0"),
-        ]
-        if bad
-    ]
-    if problems:
-        raise SystemExit("error: " + "; ".join(problems))
-
-
 # ALGO LOGIC: initialize agent here:
 class ReplayBuffer:
-    """Ring buffer of (s, a in [-1, 1], r, s', terminated) tensors on the training device."""
+    """Ring buffer of transitions (s, a in [-1, 1], r, s', terminated), one row each, on the training device."""
 
     def __init__(self, size, obs_dim, act_dim, device):
-        self.size, self.ptr, self.full, self.device = size, 0, False, device
-        self.obs = torch.zeros(size, obs_dim, device=device)
-        self.next_obs = torch.zeros(size, obs_dim, device=device)
-        self.actions = torch.zeros(size, act_dim, device=device)
-        self.rewards = torch.zeros(size, 1, device=device)
-        self.dones = torch.zeros(size, 1, device=device)
+        self.size, self.ptr, self.full = size, 0, False
+        self.fields = [obs_dim, act_dim, 1, obs_dim, 1]
+        self.data = torch.zeros(size, sum(self.fields), device=device)
 
     def add(self, obs, next_obs, actions, rewards, terminations):
-        for buf, x in zip(
-            (self.obs, self.next_obs, self.actions, self.rewards, self.dones),
-            (obs, next_obs, actions, rewards[:, None], terminations[:, None]),
-        ):
-            idx = (self.ptr + torch.arange(len(x))) % self.size
-            buf[idx] = torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
-        self.full = self.full or self.ptr + len(obs) >= self.size
-        self.ptr = (self.ptr + len(obs)) % self.size
+        """numpy arrays, one row per env: one host-to-device copy, then row writes."""
+        rows = np.concatenate([obs, actions, rewards[:, None], next_obs, terminations[:, None]], 1, dtype=np.float32)
+        for row in torch.as_tensor(rows, device=self.data.device):
+            self.data[self.ptr] = row
+            self.ptr = (self.ptr + 1) % self.size
+            self.full = self.full or self.ptr == 0
 
     def sample(self, batch_size):
-        idx = torch.randint(0, self.size if self.full else self.ptr, (batch_size,), device=self.device)
-        return self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.dones[idx]
+        """Uniform with replacement: (obs, actions, rewards, next_obs, dones)."""
+        idx = torch.randint(0, self.size if self.full else self.ptr, (batch_size,), device=self.data.device)
+        return self.data[idx].split(self.fields, dim=1)
 
 
 class TwinQ(nn.Module):
-    """Two Q-networks [s, a] -> 256 -> 256 -> 1 (ReLU); min over members is used everywhere (spec §8)."""
+    """Two Q-networks [s, a] -> 256 -> 256 -> 1 (ReLU); min over members is used everywhere (docs/rfm.md §8)."""
 
     def __init__(self, obs_dim, act_dim, hidden=256, members=2):
         super().__init__()
@@ -204,57 +157,20 @@ class TwinQ(nn.Module):
         return torch.stack([q(x).squeeze(-1) for q in self.members])
 
     def min_q(self, obs, act):
-        """min_j Q_j(s, a), (M,). Differentiable in obs and act only (see MinQ); the critic trains through forward()."""
-        return MinQ.apply(self, torch.cat([obs, act], -1))
-
-
-class MinQ(torch.autograd.Function):
-    """min over TwinQ members with a hand-written input gradient: d min_j Q_j / dx = dQ_m / dx for the member m that
-    attains the min (the first on ties, as autograd through .min() does). Backpropagating each row through its own
-    member only halves the work of autograd through both; gradients reach x = [s, a], not the critic weights."""
-
-    @staticmethod
-    def forward(ctx, qf, x):
-        hidden, qs = [], []
-        for l1, _, l2, _, l3 in qf.members:
-            h1 = l1(x).relu_()  # in place: fresh buffers are the costly part on CPU; h > 0 where z > 0
-            h2 = l2(h1).relu_()
-            hidden += [h1, h2]
-            qs.append(l3(h2).squeeze(-1))
-        q, member = torch.stack(qs).min(0)
-        ctx.qf = qf
-        ctx.save_for_backward(member, *hidden)
-        return q
-
-    @staticmethod
-    def backward(ctx, grad_q):
-        member, *hidden = ctx.saved_tensors
-        grad_x = grad_q.new_empty(grad_q.shape[0], ctx.qf.members[0][0].in_features)
-        for j, (l1, _, l2, _, l3) in enumerate(ctx.qf.members):
-            rows = (member == j).nonzero().squeeze(1)
-            g = hidden[2 * j + 1][rows].gt_(0).mul_(l3.weight).mul_(grad_q[rows, None])  # dQ/dz2 = ReLU'(z2) w3
-            g = (g @ l2.weight).mul_(hidden[2 * j][rows].gt_(0))  # dQ/dz1
-            grad_x[rows] = g @ l1.weight
-        return None, grad_x
+        """min_j Q_j(s, a), (M,)"""
+        return self(obs, act).min(0).values
 
 
 def sinusoidal_embedding(x, dim=128, max_period=1000.0):
-    """[sin(x f_j), cos(x f_j)] with f_j = exp(-ln(max_period) j / (dim/2 - 1)) (spec §8)."""
+    """[sin(x f_j), cos(x f_j)] with f_j = exp(-ln(max_period) j / (dim/2 - 1)) (docs/rfm.md §8)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=x.dtype) / (half - 1))
     arg = x[..., None] * freqs
     return torch.cat([torch.sin(arg), torch.cos(arg)], -1)
 
 
-def gelu_tanh(x):
-    """GELU, tanh approximation (Flax's default): x (1 + tanh z) / 2 = x sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3).
-    The sigmoid form is the same function and ~1.5x faster than F.gelu(approximate="tanh") on CPU."""
-    z2 = torch.addcmul(x, x.square(), x, value=0.044715).mul_(2.0 * math.sqrt(2.0 / math.pi))
-    return x * z2.sigmoid_()
-
-
 class VelocityField(nn.Module):
-    """v(t, y, s, T): [s, y, emb(t), emb(T)] -> 256 -> 2 residual GELU blocks -> D (spec §8).
+    """v(t, y, s, T): [s, y, emb(t), emb(T)] -> 256 -> 2 residual GELU blocks -> D (docs/rfm.md §8).
 
     The first layer is split by input so that the state, time and temperature terms, which do not depend on
     the particle, are computed once per state / per Euler step (exact: a Linear of a concatenation is a sum).
@@ -285,9 +201,9 @@ class VelocityField(nn.Module):
 
     def head(self, y, pre):
         """The rest of the network, given pre = condition + time_term (broadcast over particles)."""
-        h = gelu_tanh(F.linear(y, self.split_input_weight()[1]) + pre)
+        h = F.gelu(F.linear(y, self.split_input_weight()[1]) + pre, approximate="tanh")  # Flax's default GELU
         for block in self.blocks:
-            h = h + gelu_tanh(block(h))
+            h = h + F.gelu(block(h), approximate="tanh")
         return self.out(h)
 
     def forward(self, obs, y, t, temperature):
@@ -296,7 +212,7 @@ class VelocityField(nn.Module):
 
 
 def integrate_flow(actor, obs, y, temperature, flow_steps, t_min):
-    """Euler ODE from t_min to 1 - t_min: y <- y + dt v(t_j, y, s, T) (spec §7.1). obs (B, obs), y (B, N, D)."""
+    """Euler ODE from t_min to 1 - t_min: y <- y + dt v(t_j, y, s, T) (docs/rfm.md §7.1). obs (B, obs), y (B, N, D)."""
     dt = (1.0 - 2.0 * t_min) / flow_steps
     cond = actor.condition(obs, temperature)[:, None]  # (B, 1, H)
     time_terms = actor.time_term(t_min + dt * torch.arange(flow_steps, device=y.device, dtype=y.dtype))  # (steps, H)
@@ -305,75 +221,51 @@ def integrate_flow(actor, obs, y, temperature, flow_steps, t_min):
     return y
 
 
-# rows per chunk on CPU, measured on 2 cores: the sampler, which reuses its activations over every step, is ~1.3x
-# faster in 512-1024-row chunks than in one; the posterior passes each chunk once and prefers larger chunks
-CPU_CHUNK_ROWS = {"sampler": 1024, "posterior": 2048}
-
-
-def chunks(n, rows_each, device, rows):
-    """Slices of range(n) with about `rows` rows each on CPU (items have rows_each rows); one slice on GPU."""
-    per = max(1, rows // rows_each) if device.type == "cpu" else n
-    return [slice(i, i + per) for i in range(0, n, per)]
-
-
-def sample_chunk(actor, qf, obs, noise, temperature, flow_steps, t_min):
-    """Integrate N particles per state and score them with the online min-Q. obs (b, obs), noise (b, N, D)."""
-    b, N, D = noise.shape
-    y = integrate_flow(actor, obs, noise, temperature, flow_steps, t_min)
-    q = qf.min_q(obs[:, None].expand(-1, N, -1).reshape(b * N, -1), torch.tanh(y).reshape(b * N, D))
-    return y, q.view(b, N)
-
-
 def sample_particles(actor, qf, obs, noise, temperature, flow_steps, t_min):
-    """sample_chunk over all states. Particles of different states are independent, so states are processed in
-    cache-sized chunks (exact). obs (B, obs), noise (B, N, D) -> latents (B, N, D), min-Q (B, N)."""
+    """N particles per state through the ODE, scored by the online min-Q. obs (B, obs), noise (B, N, D) -> y, q."""
     B, N, D = noise.shape
-    y, q = torch.empty_like(noise), noise.new_empty(B, N)
-    for c in chunks(B, N, obs.device, CPU_CHUNK_ROWS["sampler"]):
-        y[c], q[c] = sample_chunk(actor, qf, obs[c], noise[c], temperature, flow_steps, t_min)
-    return y, q
+    y = integrate_flow(actor, obs, noise, temperature, flow_steps, t_min)
+    q = qf.min_q(obs[:, None].expand(-1, N, -1).reshape(B * N, -1), torch.tanh(y).reshape(B * N, D))
+    return y, q.view(B, N)
 
 
 def boltzmann_pick(y, q, temperature):
-    """One particle per state drawn from softmax_n(Q/T), no Jacobian term (spec §7.1). Returns its latent."""
-    idx = torch.distributions.Categorical(logits=q / temperature).sample()
+    """One particle per state drawn from softmax_n(Q/T), no Jacobian term (docs/rfm.md §7.1), by Gumbel-max:
+    argmax_n(Q_n/T + G_n) with G = -log E, E ~ Exp(1). Returns its latent."""
+    idx = (q / temperature - torch.empty_like(q).exponential_().log()).argmax(1)
     return y[torch.arange(y.shape[0], device=y.device), idx]
 
 
 def posterior_mean(q_fn, obs, y_t, t, num_samples, temperature, estimator, cv_ridge=1e-4, cv_clip=2.0):
-    """Estimate E[y1 | y_t] under p1(y|s) ∝ exp(Q(s, tanh y)/T) prod sech^2(y) on the linear path (spec §3-6).
+    """Estimate E[y1 | y_t] under p1(y|s) ∝ exp(Q(s, tanh y)/T) prod sech^2(y) on the linear path (docs/rfm.md §3-6).
 
     obs (B, obs_dim), y_t (B, D), t (B, 1); q_fn(obs (M, obs_dim), actions (M, D)) -> (M,) or (M, 1).
     Returns y1_hat (B, D) and info {ess (B,), cv_weight (B, D)}.
     """
     B, D = y_t.shape
-    K = num_samples
+    K = num_samples  # (docs/rfm.md §3)
     t3 = t[:, None]  # (B, 1, 1)
     y0 = torch.randn(B, K, D, device=y_t.device, dtype=y_t.dtype)
     y1 = (y_t[:, None] - (1 - t3) * y0) / t3  # reverse proposals ~ N(y_t/t, ((1-t)/t)^2 I), (B, K, D)
     need_grad = estimator != "noise"  # lambda = 0 never touches the score
-    q, grad_q = y1.new_empty(B, K), torch.empty_like(y1) if need_grad else None
-    # proposals of different states are independent: chunks of states (exact)
-    for c in chunks(B, K, y1.device, CPU_CHUNK_ROWS["posterior"]):
-        obs_k = obs[c, None].expand(-1, K, -1).reshape(-1, obs.shape[-1])
-        with torch.enable_grad():
-            y1_leaf = y1[c].detach().requires_grad_(need_grad)
-            q_c = q_fn(obs_k, torch.tanh(y1_leaf).reshape(-1, D)).reshape(-1, K)
-            if need_grad:
-                grad_q[c] = torch.autograd.grad(q_c.sum(), y1_leaf)[0]
-        q[c] = q_c.detach()
-    log_sech2 = -2.0 * (torch.logaddexp(y1, -y1) - math.log(2.0))  # tanh Jacobian, stable form (spec §1)
+    obs_k = obs[:, None].expand(-1, K, -1).reshape(B * K, -1)
+    with torch.enable_grad():
+        y1_leaf = y1.detach().requires_grad_(need_grad)
+        q = q_fn(obs_k, torch.tanh(y1_leaf).reshape(B * K, D)).reshape(B, K)
+        grad_q = torch.autograd.grad(q.sum(), y1_leaf)[0] if need_grad else None
+    q = q.detach()
+    log_sech2 = -2.0 * (torch.logaddexp(y1, -y1) - math.log(2.0))  # tanh Jacobian, stable form (docs/rfm.md §1)
     w = torch.softmax(q / temperature + log_sech2.sum(-1), dim=1)[..., None]  # (B, K, 1)
     y1_bar = (w * y1).sum(1)
     if need_grad:
-        g = grad_q / temperature - 2.0 * torch.tanh(y1)  # grad_y log p1 (spec §1)
-        score = g + t3 / (1 - t3) * y0  # posterior score, zero posterior mean (spec §4)
+        g = grad_q / temperature - 2.0 * torch.tanh(y1)  # grad_y log p1 (docs/rfm.md §1)
+        score = g + t3 / (1 - t3) * y0  # posterior score, zero posterior mean (docs/rfm.md §4)
         s_bar = (w * score).sum(1)
     if estimator == "noise":
         lam = torch.zeros_like(y_t)
     elif estimator == "gradient":
         lam = ((1 - t) / t).square().expand(B, D)
-    else:  # variance-minimising per-dimension plug-in (spec §6)
+    else:  # variance-minimising per-dimension plug-in (docs/rfm.md §6)
         w2 = w.square()
         dy, ds = y1 - y1_bar[:, None], score - s_bar[:, None]
         lam = (-(w2 * dy * ds).sum(1) / ((w2 * ds.square()).sum(1) + cv_ridge)).clamp(-cv_clip, cv_clip)
@@ -388,17 +280,16 @@ def soft_update(target, online, tau):
             tp.lerp_(p, tau)
 
 
-def update(batch, actor, qf, qf_target, actor_optimizer, q_optimizer, args):
-    """One RFM update (spec §7.2). Returns device tensors of diagnostics."""
+def update(batch, actor, qf, qf_target, actor_optimizer, q_optimizer, args, sample=sample_particles):
+    """One RFM update (docs/rfm.md §7.2); `sample` is sample_particles or its compiled version. Returns device
+    tensors of diagnostics (no host syncs)."""
     obs, actions, rewards, next_obs, dones = batch
     B, D = actions.shape
     # on-policy y1 at s and next actions a' at s', Boltzmann-resampled with the pre-update critic, one sampler call
     with torch.no_grad():
         both = torch.cat([obs, next_obs])
-        y, q = sample_particles(
-            actor, qf, both, torch.randn(2 * B, args.num_particles, D, device=obs.device),
-            args.temperature, args.flow_steps, args.t_min,
-        )
+        noise = torch.randn(2 * B, args.num_particles, D, device=obs.device)
+        y, q = sample(actor, qf, both, noise, args.temperature, args.flow_steps, args.t_min)
         y1, next_y = boltzmann_pick(y, q, args.temperature).split(B)
         next_q = qf_target.min_q(next_obs, torch.tanh(next_y))
         target_q = rewards.flatten() + (1 - dones.flatten()) * args.gamma * next_q  # no entropy term
@@ -414,7 +305,7 @@ def update(batch, actor, qf, qf_target, actor_optimizer, q_optimizer, args):
         nn.utils.clip_grad_norm_(member.parameters(), args.max_grad_norm)
     q_optimizer.step()
 
-    # posterior target with the just-updated critic, then velocity regression (spec §2, §5)
+    # posterior target with the just-updated critic, then velocity regression (docs/rfm.md §2, §5)
     t = torch.empty(B, 1, device=obs.device).uniform_(args.t_min, 1 - args.t_min)
     y_t = t * y1 + (1 - t) * torch.randn_like(y1)
     y1_hat, info = posterior_mean(
@@ -437,20 +328,11 @@ def update(batch, actor, qf, qf_target, actor_optimizer, q_optimizer, args):
     }  # fmt: skip
 
 
-def act(actor, qf, obs, args):
-    """Behaviour action: Boltzmann resampling among N particles (spec §7.1). obs (E, obs_dim) -> (E, D) in [-1, 1]."""
-    y, q = sample_particles(
-        actor, qf, obs, torch.randn(obs.shape[0], args.num_particles, actor.act_dim, device=obs.device),
-        args.temperature, args.flow_steps, args.t_min,
-    )  # fmt: skip
+def act(actor, qf, obs, args, sample=sample_particles):
+    """Behaviour action: Boltzmann resampling among N particles (docs/rfm.md §7.1). obs (E, obs) -> (E, D) in [-1, 1]."""
+    noise = torch.randn(obs.shape[0], args.num_particles, actor.act_dim, device=obs.device)
+    y, q = sample(actor, qf, obs, noise, args.temperature, args.flow_steps, args.t_min)
     return torch.tanh(boltzmann_pick(y, q, args.temperature))
-
-
-def act_eval(actor, qf, obs, args):
-    """Deterministic action: the argmax-Q particle, its initial noise a function of the state (spec §7.1)."""
-    noise = state_noise(obs, (args.num_particles, actor.act_dim), args.seed)
-    y, q = sample_particles(actor, qf, obs, noise, args.temperature, args.flow_steps, args.t_min)
-    return torch.tanh(y[torch.arange(y.shape[0], device=y.device), q.argmax(1)])
 
 
 def state_noise(obs, shape, seed):
@@ -462,18 +344,66 @@ def state_noise(obs, shape, seed):
     return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(obs.device)
 
 
+def act_eval(actor, qf, obs, args, sample=sample_particles):
+    """Deterministic action: the argmax-Q particle, its initial noise a function of the state (docs/rfm.md §7.1)."""
+    noise = state_noise(obs, (args.num_particles, actor.act_dim), args.seed)
+    y, q = sample(actor, qf, obs, noise, args.temperature, args.flow_steps, args.t_min)
+    return torch.tanh(y[torch.arange(y.shape[0], device=y.device), q.argmax(1)])
+
+
 def evaluate(policy, envs, action_scale, action_bias, device):
     """One episode on each eval env (seeded 0..n-1); returns the mean undiscounted return."""
     obs, _ = envs.reset(seed=list(range(envs.num_envs)))
     returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
     while not done.all():
         with torch.no_grad():
-            actions = policy(torch.as_tensor(obs, dtype=torch.float32, device=device))
-        env_actions = (actions * action_scale + action_bias).cpu().numpy().astype(envs.single_action_space.dtype)
+            actions = policy(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+        env_actions = (actions * action_scale + action_bias).astype(envs.single_action_space.dtype)
         obs, rewards, terminations, truncations, _ = envs.step(env_actions)
         returns += np.where(done, 0.0, rewards)
         done |= terminations | truncations
     return float(returns.mean())
+
+
+# input checks: one `error:` line and exit 1 before training, never a silent wrong run
+def check_args(args):
+    problems = [msg for bad, msg in [
+        (args.total_timesteps < 1, "--total-timesteps must be >= 1"),
+        (args.buffer_size < 1, "--buffer-size must be >= 1"),
+        (args.batch_size < 1, "--batch-size must be >= 1"),
+        (args.learning_starts < 0, "--learning-starts must be >= 0"),
+        (args.eval_every < 1, "--eval-every must be >= 1"),
+        (args.eval_episodes < 1, "--eval-episodes must be >= 1"),
+        (not 0.0 <= args.gamma <= 1.0, "--gamma must be in [0, 1]"),
+        (not 0.0 < args.tau <= 1.0, "--tau must be in (0, 1]"),
+        (args.policy_lr <= 0 or args.q_lr <= 0, "--policy-lr and --q-lr must be > 0"),
+        (args.max_grad_norm <= 0, "--max-grad-norm must be > 0"),
+        (not args.temperature > 0, "--temperature must be > 0"),
+        (args.flow_steps < 1, "--flow-steps must be >= 1"),
+        (not 0.0 < args.t_min < 0.5, "--t-min must be in (0, 0.5) so that [t_min, 1 - t_min] is a valid time range"),
+        (args.num_particles < 1, "--num-particles must be >= 1"),
+        (args.num_posterior_samples < 1, "--num-posterior-samples must be >= 1"),
+        (args.cv_ridge < 0, "--cv-ridge must be >= 0"),
+        (args.cv_clip < 0, "--cv-clip must be >= 0"),
+        ] if bad]  # fmt: skip
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
+def check_env(env_id):
+    """Fail before training, in one line, on an id gymnasium cannot make or spaces the policy cannot drive."""
+    try:
+        env = make_env(env_id, 0, 0, False, "")()
+    except (gym.error.Error, ImportError) as e:
+        raise SystemExit(f"error: unknown env id {env_id!r}: {e}")
+    obs_space, act_space = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(act_space, gym.spaces.Box):
+        raise SystemExit(f"error: {env_id} has a {type(act_space).__name__} action space; only continuous Box is supported")
+    if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
+        raise SystemExit(f"error: {env_id} has unbounded actions; the policy needs finite bounds to rescale [-1, 1]")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise SystemExit(f"error: {env_id} observations are {obs_space}; a flat Box (or a Dict of them) is required")
 
 
 if __name__ == "__main__":
@@ -484,19 +414,11 @@ if __name__ == "__main__":
     if args.track:
         import wandb
 
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True)  # fmt: skip
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    hyperparameters = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -505,21 +427,19 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True  # CUDA only; the official JAX code runs at XLA's default TF32
 
     # env setup: one training env; evaluation envs seeded 0..eval_episodes-1
-    envs = gym.vector.SyncVectorEnv(
-        [make_env(args.env_id, args.seed, 0, args.capture_video, run_name)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-    )
+    same_step = gym.vector.AutoresetMode.SAME_STEP
+    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, args.seed, 0, args.capture_video, run_name)],
+                                    autoreset_mode=same_step)
     eval_envs = gym.vector.SyncVectorEnv(
-        [make_env(args.env_id, i, i, False, run_name) for i in range(args.eval_episodes)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+        [make_env(args.env_id, i, i, False, run_name) for i in range(args.eval_episodes)], autoreset_mode=same_step
     )
     obs_dim = int(np.prod(envs.single_observation_space.shape))
     act_dim = int(np.prod(envs.single_action_space.shape))
-    low = torch.as_tensor(envs.single_action_space.low, dtype=torch.float32, device=device)
-    high = torch.as_tensor(envs.single_action_space.high, dtype=torch.float32, device=device)
-    action_scale, action_bias = (high - low) / 2, (high + low) / 2
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+    action_scale, action_bias = (high - low) / 2, (high + low) / 2  # the policy acts in [-1, 1]
 
     actor = VelocityField(obs_dim, act_dim).to(device)
     qf = TwinQ(obs_dim, act_dim).to(device)
@@ -527,14 +447,14 @@ if __name__ == "__main__":
     actor_optimizer = optim.Adam(actor.parameters(), lr=args.policy_lr)
     q_optimizer = optim.Adam(qf.parameters(), lr=args.q_lr)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
-    if args.compile:  # the particle sampler is most of an update; compiling fuses its elementwise work
-        sample_chunk = torch.compile(sample_chunk)
-
-    def policy_eval(o):
-        return act_eval(actor, qf, o, args)
+    # the particle sampler is most of an update; compiling fuses its elementwise work
+    sample = torch.compile(sample_particles) if args.compile else sample_particles
+    policy_eval = functools.partial(act_eval, actor, qf, args=args, sample=sample)  # obs -> deterministic action
 
     start_time = time.time()
     last_return = float("nan")
+    loss_names = ["losses/qf1_loss", "losses/qf2_loss", "losses/actor_loss"]
+    first_bad_step = torch.full((len(loss_names),), -1, device=device)  # read at the logging cadence: no sync per step
 
     # TRY NOT TO MODIFY: start the game
     obs, _ = envs.reset(seed=args.seed)
@@ -542,12 +462,12 @@ if __name__ == "__main__":
         # ALGO LOGIC: put action logic here
         if global_step < args.learning_starts:
             actions = np.array([envs.single_action_space.sample() for _ in range(envs.num_envs)])
-            norm_actions = (actions - action_bias.cpu().numpy()) / action_scale.cpu().numpy()
+            norm_actions = (actions - action_bias) / action_scale
         else:
             with torch.no_grad():
-                norm = act(actor, qf, torch.as_tensor(obs, dtype=torch.float32, device=device), args)
-            norm_actions = norm.cpu().numpy()
-            actions = (norm * action_scale + action_bias).cpu().numpy().astype(envs.single_action_space.dtype)
+                norm = act(actor, qf, torch.as_tensor(obs, dtype=torch.float32, device=device), args, sample)
+            norm_actions = norm.cpu().numpy()  # the step's one device-to-host copy
+            actions = (norm_actions * action_scale + action_bias).astype(envs.single_action_space.dtype)
 
         # TRY NOT TO MODIFY: execute the game and log data.
         next_obs, rewards, terminations, truncations, infos = envs.step(actions)
@@ -570,21 +490,24 @@ if __name__ == "__main__":
 
         # ALGO LOGIC: training.
         if global_step >= args.learning_starts:
-            logs = update(rb.sample(args.batch_size), actor, qf, qf_target, actor_optimizer, q_optimizer, args)
-            losses = {k: v for k, v in logs.items() if k.startswith("losses/")}
-            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+            logs = update(rb.sample(args.batch_size), actor, qf, qf_target, actor_optimizer, q_optimizer, args, sample)
+            finite = torch.isfinite(torch.stack([logs[k] for k in loss_names]))
+            first_bad_step = torch.where(finite | (first_bad_step >= 0), first_bad_step, global_step)
+        last_step = global_step + 1 == args.total_timesteps
+        if global_step % 100 == 0 or last_step:  # a NaN loss stops the run, naming the first step it appeared at
+            bad = [(s, k) for s, k in zip(first_bad_step.tolist(), loss_names) if s >= 0]
             if bad:
-                raise SystemExit(f"error: non-finite {', '.join(bad)} at step {global_step}")
-            if global_step % 100 == 0:
+                raise SystemExit(f"error: non-finite {', '.join(k for _, k in bad)} at step {min(bad)[0]}")
+        if global_step % 100 == 0:
+            if global_step >= args.learning_starts:
                 for k, v in logs.items():
                     writer.add_scalar(k, v.item(), global_step)
                 writer.add_scalar("charts/temperature", args.temperature, global_step)
-        if global_step % 100 == 0:
             sps = int(global_step / (time.time() - start_time))
             print(f"step={global_step} SPS={sps} last_return={last_return:.1f}")
             writer.add_scalar("charts/SPS", sps, global_step)
 
-        if (global_step + 1) % args.eval_every == 0 or global_step + 1 == args.total_timesteps:
+        if (global_step + 1) % args.eval_every == 0 or last_step:
             eval_return = evaluate(policy_eval, eval_envs, action_scale, action_bias, device)
             writer.add_scalar("eval/episodic_return", eval_return, global_step + 1)
             print(f"eval step={global_step + 1} return={eval_return:.2f}")

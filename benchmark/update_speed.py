@@ -8,15 +8,16 @@ Prints one line per script: `<script>: <median> ms/update (...)`, the median of 
 and the median batch-1 action latency. Runs on the GPU when one is present (--cpu forces the CPU).
 """
 
-import argparse
 import copy
 import importlib
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
+import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -58,12 +59,11 @@ def bench_rfm(a, device, script):
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr)
     batch = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)
-    if a.compile:
-        m.sample_chunk = torch.compile(m.sample_chunk)
-    ms = timed(lambda: m.update(batch, actor, qf, qf_target, actor_opt, q_opt, args), a.warmup, a.repeats, device)
+    sample = torch.compile(m.sample_particles) if a.compile else m.sample_particles
+    ms = timed(lambda: m.update(batch, actor, qf, qf_target, actor_opt, q_opt, args, sample), a.warmup, a.repeats, device)
     obs1 = torch.randn(1, a.obs_dim, device=device)
     with torch.no_grad():
-        act_ms = timed(lambda: m.act(actor, qf, obs1, args), a.warmup, a.repeats * 4, device)
+        act_ms = timed(lambda: m.act(actor, qf, obs1, args, sample), a.warmup, a.repeats * 4, device)
     return f"{script}: {ms:.1f} ms/update ({act_ms:.2f} ms/action)"
 
 
@@ -182,17 +182,31 @@ BENCHES = {
     "sac_reference": bench_sac_reference,
 }
 
+@dataclass
+class Args:
+    scripts: str = ",".join(BENCHES)
+    """comma-separated subset of rfm_flow, rfm_diffusion, qvpo_baseline, dipo_baseline, sac_reference"""
+    obs_dim: int = 17
+    """observation size of the random replay data (Hopper 11, HalfCheetah and cheetah-run 17)"""
+    act_dim: int = 6
+    """action size (Hopper 3, HalfCheetah and cheetah-run 6)"""
+    env_id: str | None = None
+    """DIPO only: time at this env's per-env table row (e.g. HalfCheetah-v5)"""
+    warmup: int = 3
+    """untimed updates first"""
+    repeats: int = 10
+    """timed updates; the median is printed"""
+    compile: bool = False
+    """torch.compile each script's sampler, as its --compile does"""
+    cpu: bool = False
+    """time on the CPU even when a GPU is present"""
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--scripts", default=",".join(BENCHES), help="comma-separated subset of " + ",".join(BENCHES))
-    p.add_argument("--obs-dim", type=int, default=17)
-    p.add_argument("--act-dim", type=int, default=6)
-    p.add_argument("--env-id", default=None, help="DIPO only: time at this env's table row (e.g. HalfCheetah-v5)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--compile", action="store_true", help="torch.compile each script's sampler, as its --compile does")
-    p.add_argument("--cpu", action="store_true", help="time on the CPU even when a GPU is present")
-    a = p.parse_args()
+    a = tyro.cli(Args)
+    unknown = set(a.scripts.split(",")) - set(BENCHES)
+    if unknown:
+        raise SystemExit(f"error: unknown --scripts {sorted(unknown)}; choose from {','.join(BENCHES)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not a.cpu else "cpu")
     torch.manual_seed(0)
     print(f"device={device} threads={torch.get_num_threads()} obs_dim={a.obs_dim} act_dim={a.act_dim}")

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,6 +44,17 @@ def assert_one_line_error(proc, run_dir):
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-2000:]
     assert run_dir is None
     return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One torch/OpenMP thread in-process and in the scripts the tests run: the ops are tiny, and on a busy 2-core
+    machine two threads spin-wait at every parallel region. No result depends on the thread count."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -18,14 +18,6 @@ import estimator_error as ee  # noqa: E402
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def gaussian_latent_target(mu, cov, temperature=0.02):
     """A critic whose latent target is exactly N(mu, cov): Q(a)/T = log N(atanh a; mu, cov) - Σ log sech²(atanh a)."""
     mu, prec = torch.tensor(mu, dtype=F64), torch.linalg.inv(torch.tensor(cov, dtype=F64))

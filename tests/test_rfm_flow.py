@@ -1,4 +1,4 @@
-"""Tests for rfm_flow.py (spec: /work/shared/spec/rfm.md §1-§8, §12).
+"""Tests for rfm_flow.py (math: docs/rfm.md §1-§8, §12; bare § numbers below refer to that page).
 
 Layout:
   1. an exact reference: posterior means of a separable tanh-squashed Boltzmann target by 1-D grid integration;
@@ -18,6 +18,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 import rfm_flow as rf
 from tests.conftest import BANDIT, assert_one_line_error, read_scalars
@@ -26,15 +27,6 @@ F64 = torch.float64
 T_TOY = 0.5  # §12 toy temperature
 CENTER = (0.3, -0.5)  # §12 replication centre
 GRID = torch.linspace(-12.0, 12.0, 200_001, dtype=F64)  # §12: [-12, 12], 2e5 points
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """The CI machines have 2 shared cores; keep in-process torch on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -456,28 +448,6 @@ def test_twin_q_equals_two_explicit_mlps():
     assert (expected[0] != expected[1]).all()
 
 
-@pytest.mark.parametrize("script", ["rfm_flow", "rfm_diffusion"])
-def test_min_q_gradient_goes_through_the_min_member(script):
-    """MinQ's hand-written backward = autograd through min_j Q_j (both scripts carry the same critic), w.r.t. s and a."""
-    twin_q = __import__(script).TwinQ
-    qf = randomize_(twin_q(4, 3).to(F64), 5)
-    gen = torch.Generator().manual_seed(4)
-    obs = torch.randn(64, 4, generator=gen, dtype=F64, requires_grad=True)
-    act = (torch.rand(64, 3, generator=gen, dtype=F64) * 2 - 1).requires_grad_()
-    weights = torch.randn(64, generator=gen, dtype=F64)
-    got = torch.autograd.grad((qf.min_q(obs, act) * weights).sum(), (obs, act))
-    want = torch.autograd.grad((qf(obs, act).min(0).values * weights).sum(), (obs, act))
-    members = qf(obs, act).argmin(0)
-    assert 0 < members.sum() < 64  # both members attain the min somewhere
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
-    with torch.no_grad():  # tied members: the first one's gradient, as .min() gives
-        for p, p0 in zip(qf.members[1].parameters(), qf.members[0].parameters()):
-            p.copy_(p0)
-    got = torch.autograd.grad(qf.min_q(obs, act).sum(), act)[0]
-    torch.testing.assert_close(got, torch.autograd.grad(qf(obs, act)[0].sum(), act)[0], atol=1e-12, rtol=1e-12)
-
-
 def test_boltzmann_pick_frequencies_match_softmax():
     """§7.1: index ~ softmax(Q/T) per row, no Jacobian; rows are independent (two halves with different Q)."""
     M, temperature = 20_000, 0.25
@@ -540,6 +510,29 @@ def test_eval_noise_is_a_function_of_each_state(script):
     gen_state = torch.get_rng_state()
     state_noise(obs, (4, 2), seed=1)
     assert torch.equal(gen_state, torch.get_rng_state())  # training draws are untouched by evaluation
+
+
+@pytest.mark.parametrize("script", ["rfm_flow", "rfm_diffusion"])
+def test_replay_buffer_rows_wrap_and_sample(script):
+    """Row writes into one (size, fields) tensor: what was added comes back field by field, the ring wraps after
+    `size` rows, and sampling draws only filled rows."""
+    rb = __import__(script).ReplayBuffer(5, 3, 2, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    added = []
+    for step in range(7):
+        o, o2, a = rng.normal(size=(1, 3)), rng.normal(size=(1, 3)), rng.uniform(-1, 1, (1, 2))
+        r, term = rng.normal(size=1), np.array([step % 2 == 0])
+        rb.add(o, o2, a, r, term)
+        added.append(np.concatenate([o[0], a[0], r, o2[0], term.astype(float)]))
+        if step == 1:
+            assert not rb.full and sorted(rb.sample(200)[2].unique().tolist()) == sorted(float(np.float32(x[5])) for x in added)
+    assert rb.full and rb.ptr == 2
+    expected = np.stack(added[5:] + added[2:5])  # rows 0, 1 overwritten by the 6th and 7th transitions
+    np.testing.assert_allclose(rb.data.numpy(), expected, rtol=1e-6)
+    obs, act, rew, next_obs, done = rb.sample(64)
+    assert obs.shape == (64, 3) and act.shape == (64, 2) and rew.shape == (64, 1) and next_obs.shape == (64, 3)
+    rows = torch.cat([obs, act, rew, next_obs, done], 1)
+    assert all((torch.as_tensor(expected, dtype=torch.float32) == row).all(1).any() for row in rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -711,12 +704,14 @@ def assert_rfm_diagnostics(scalars, K, clip=None):
 
 
 @pytest.mark.parametrize(
-    "env_id,obs_dim,act_dim",
-    [("Hopper-v5", 11, 3), ("dm_control/cartpole-swingup-v0", 5, 1)],
-)
-def test_end_to_end_env(run, env_id, obs_dim, act_dim):
-    proc, run_dir = run("rfm_flow.py", *cli(env_id, eval_every=150, eval_episodes=2, save_model=True))
+    "env_id,obs_dim,act_dim,gl",
+    [("Hopper-v5", 11, 3, {}), ("dm_control/cartpole-swingup-v0", 5, 1, {}),
+     ("dm_control/cartpole-swingup-v0", 5, 1, {"MUJOCO_GL": "egl"})],  # EGL + a late triton import once segfaulted
+)  # fmt: skip
+def test_end_to_end_env(run, env_id, obs_dim, act_dim, gl):
+    proc, run_dir = run("rfm_flow.py", *cli(env_id, eval_every=150, eval_episodes=2, save_model=True), **gl)
     scalars = check_ok(proc, run_dir)
+    assert "settotalmass" not in proc.stderr and "DISPLAY" not in proc.stderr, proc.stderr[-2000:]  # a quiet screen
     assert_rfm_diagnostics(scalars, K=8, clip=2.0)
     evals = scalars.get("eval/episodic_return", [])
     assert [s for s, _ in evals] == [150, 300], evals
@@ -749,35 +744,14 @@ def test_end_to_end_estimator_flag(run, estimator):
     assert step == 300 and -10.0 < ret <= 1.0
 
 
-def test_chunking_is_exact(monkeypatch):
-    """Sampler and posterior run over chunks of states on CPU; one chunk (as on GPU) gives the same numbers."""
-    actor, qf = small_nets(obs_dim=5, act_dim=3)
-    gen = torch.Generator().manual_seed(8)
-    obs, noise = torch.randn(80, 5, generator=gen), torch.randn(80, 32, 3, generator=gen)
-    obs_p, y_t, t = torch.randn(50, 5, generator=gen), torch.randn(50, 3, generator=gen), torch.rand(50, 1, generator=gen)
-    cpu = torch.device("cpu")
-    assert len(rf.chunks(80, 32, cpu, rf.CPU_CHUNK_ROWS["sampler"])) == 3
-    assert len(rf.chunks(50, 100, cpu, rf.CPU_CHUNK_ROWS["posterior"])) == 3
-    results = []
-    for rows in [rf.CPU_CHUNK_ROWS, {"sampler": 10**6, "posterior": 10**6}]:
-        monkeypatch.setattr(rf, "CPU_CHUNK_ROWS", rows)
-        with torch.no_grad():
-            y, q = rf.sample_particles(actor, qf, obs, noise, 0.02, 10, 0.01)
-        torch.manual_seed(0)
-        y1_hat, info = rf.posterior_mean(qf.min_q, obs_p, y_t, 0.01 + 0.98 * t, 100, 0.02, "stein")
-        results.append((y, q, y1_hat, info["cv_weight"]))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
 def test_compiled_sampler_matches_eager():
-    """--compile swaps in torch.compile(sample_chunk): same latents and min-Q as eager up to float rounding."""
+    """--compile passes torch.compile(sample_particles) around: same latents and min-Q as eager up to rounding."""
     actor, qf = small_nets(obs_dim=5, act_dim=3)
     gen = torch.Generator().manual_seed(6)
     obs, noise = torch.randn(4, 5, generator=gen), torch.randn(4, 8, 3, generator=gen)
     with torch.no_grad():
-        want = rf.sample_chunk(actor, qf, obs, noise, 0.02, 10, 0.01)
-        got = torch.compile(rf.sample_chunk)(actor, qf, obs, noise, 0.02, 10, 0.01)
+        want = rf.sample_particles(actor, qf, obs, noise, 0.02, 10, 0.01)
+        got = torch.compile(rf.sample_particles)(actor, qf, obs, noise, 0.02, 10, 0.01)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
@@ -816,16 +790,109 @@ def test_non_finite_loss_stops_with_step(run):
     assert int(match.group(3)) == 50  # the first update (global_step == learning_starts)
 
 
+def policy_samples(script, run_dir, obs, **overrides):
+    """One action per state from the policy saved by --save-model, with no critic selection (one particle): what the
+    policy itself learned. obs (n, obs_dim) -> actions in [-1, 1]^D."""
+    mod = __import__(script)
+    saved = torch.load(run_dir / f"{script}.pt", map_location="cpu")
+    args = mod.Args(**{**{k: v for k, v in saved["args"].items() if hasattr(mod.Args, k)}, "num_particles": 1, **overrides})
+    D = saved["actor"]["out.bias"].shape[0]
+    actor = mod.VelocityField(obs.shape[1], D) if script == "rfm_flow" else mod.NoiseNet(obs.shape[1], D, args.diffusion_steps)
+    qf = mod.TwinQ(obs.shape[1], D)
+    actor.load_state_dict(saved["actor"])
+    qf.load_state_dict(saved["qf"])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return mod.act(actor, qf, obs, args)
+
+
+def bandit_return(actions, obs):
+    """ContextBandit's reward for normalised actions (env box [-1, 3]: a_env = 2 a + 1)."""
+    best = torch.tensor([1.5, 0.5]) + 0.5 * obs
+    return 1 - ((2 * actions + 1 - best) ** 2).sum(1) / 4
+
+
+LEARN = ["--total-timesteps", 3000, "--learning-starts", 500, "--batch-size", 64, "--num-particles", 16,
+         "--num-posterior-samples", 32, "--eval-every", 1000, "--eval-episodes", 20, "--save-model"]  # fmt: skip
+
+
 @pytest.mark.slow
-def test_learns_context_bandit(run):
-    """Optimum 1 for every context; uniform-random actions get ≈ 0.17. RFM must reach >= 0.9 (argmax-of-N eval)."""
-    proc, run_dir = run(
-        "rfm_flow.py", "--env-id", BANDIT, "--total-timesteps", 3000, "--learning-starts", 500, "--batch-size", 64,
-        "--num-particles", 16, "--num-posterior-samples", 32, "--eval-every", 1000, "--eval-episodes", 20,
-        timeout=1800,
-    )  # fmt: skip
-    scalars = check_ok(proc, run_dir)
-    evals = scalars["eval/episodic_return"]
-    assert evals[-1][0] == 3000
-    print(f"eval curve {evals}")
-    assert evals[-1][1] >= 0.9, evals
+@pytest.mark.parametrize("script", ["rfm_flow", "rfm_diffusion"])
+def test_learns_context_bandit(run, script):
+    """Optimum 1 for every context; uniform-random actions get ≈ 0.17. The script's own evaluation (argmax of N
+    particles under the learned critic) would score high for an actor that never trained, so the policy is scored
+    here with ONE sample per state and no selection, against the same network at its initialisation."""
+    extra = ["--diffusion-steps", 10] if script == "rfm_diffusion" else []
+    proc, run_dir = run(f"{script}.py", "--env-id", BANDIT, *LEARN, *extra, timeout=2400)
+    evals = check_ok(proc, run_dir)["eval/episodic_return"]
+    obs = torch.rand(500, 2, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    learned = bandit_return(policy_samples(script, run_dir, obs), obs).mean().item()
+    torch.save({**torch.load(run_dir / f"{script}.pt"), "actor": initial_actor(script, run_dir).state_dict()},
+               run_dir / f"{script}.pt")
+    untrained = bandit_return(policy_samples(script, run_dir, obs), obs).mean().item()
+    print(f"{script}: script eval (argmax of 16) {evals}; one sample: learned {learned:.3f}, untrained {untrained:.3f}")
+    assert learned >= untrained + 0.3 and learned >= 0.6, (learned, untrained)
+
+
+def initial_actor(script, run_dir):
+    """The actor exactly as the script initialised it (seed 1; envs draw no torch randomness before it)."""
+    mod = __import__(script)
+    saved = torch.load(run_dir / f"{script}.pt", map_location="cpu")
+    torch.manual_seed(saved["args"]["seed"])
+    D = saved["actor"]["out.bias"].shape[0]
+    obs_dim = saved["actor"]["inp.weight"].shape[1] - D - 256
+    if script == "rfm_flow":
+        return mod.VelocityField(obs_dim, D)
+    return mod.NoiseNet(obs_dim, D, saved["args"]["diffusion_steps"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["rfm_flow", "rfm_diffusion"])
+def test_covers_both_modes_of_a_two_mode_bandit(run, script):
+    """Two equal optima at a = ±0.5 (tests/toy_envs.py TwoModeBandit): single samples of the learned policy
+    concentrate near the optima and cover both, as the Boltzmann target does, rather than collapsing onto one."""
+    extra = ["--diffusion-steps", 10] if script == "rfm_diffusion" else []
+    proc, run_dir = run(f"{script}.py", "--env-id", "tests.toy_envs:TwoModeBandit-v0", *LEARN, *extra, timeout=2400)
+    check_ok(proc, run_dir)
+    a = policy_samples(script, run_dir, torch.zeros(2000, 1))[:, 0]
+    near = (a.abs() - 0.5).abs() < 0.15
+    right = (a[near] > 0).float().mean().item()
+    print(f"{script}: {near.float().mean().item():.2f} of single samples within 0.15 of an optimum, {right:.2f} of them at +0.5")
+    assert near.float().mean() > 0.6 and 0.2 < right < 0.8, (near.float().mean(), right)
+
+
+class SyncOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that force a host-device sync on a GPU (a tensor read back as a Python scalar, nonzero) while
+    running on the CPU; Adam's step counters are skipped, since they live on the host even for CUDA parameters."""
+
+    SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::item", "aten::is_nonzero"}
+
+    def __init__(self, host_tensors=()):
+        super().__init__()
+        self.host_tensors, self.calls = list(host_tensors), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.SYNCING and not any(args[0] is t for t in self.host_tensors):
+            self.calls.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("script", ["rfm_flow", "rfm_diffusion"])
+def test_training_step_has_no_host_syncs(script):
+    """docs/rfm.md §10: update() and act() read nothing back to the host (the loop's one copy is the action itself),
+    so a GPU step runs without draining its queue."""
+    mod = __import__(script)
+    batch, _, qf, qf_target, _, q_opt, args = make_update_setup()
+    actor = mod.NoiseNet(UOBS, UACT, 2) if script == "rfm_diffusion" else rf.VelocityField(UOBS, UACT)
+    a_opt = torch.optim.Adam(actor.parameters(), lr=1e-3)
+    args = mod.Args(**{k: v for k, v in vars(args).items() if hasattr(mod.Args, k)})
+    if script == "rfm_diffusion":
+        args.diffusion_steps = 2
+    mod.update(batch, actor, qf, qf_target, a_opt, q_opt, args)  # creates Adam's state
+    steps = [state["step"] for opt in (a_opt, q_opt) for state in opt.state.values()]
+    with SyncOps(steps) as ops:
+        logs = mod.update(batch, actor, qf, qf_target, a_opt, q_opt, args)
+        with torch.no_grad():
+            mod.act(actor, qf, batch[0][:1], args)
+    assert ops.calls == [], ops.calls
+    assert all(v.dim() == 0 for v in logs.values())  # diagnostics stay tensors until the logging cadence reads them
