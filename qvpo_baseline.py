@@ -1,4 +1,4 @@
-# QVPO (Ding et al., NeurIPS 2024, arXiv 2405.16173) as wadx2019/qvpo runs it (--weighted --aug); spec: baselines §0-1
+# QVPO (Ding et al., NeurIPS 2024, arXiv 2405.16173) as wadx2019/qvpo runs it (--weighted --aug): docs/baselines.md §0-1
 import copy
 import logging
 import math
@@ -66,33 +66,30 @@ class Args:
     eval_episodes: int = 10
     """evaluation episodes, one per vectorised eval env seeded 0..eval_episodes-1"""
     policy_lr: float = 1e-4
-    """the learning rate of the diffusion policy optimizer"""
+    """the learning rate of the diffusion policy optimizer (Adam, eps 1e-5)"""
     q_lr: float = 3e-4
-    """the learning rate of the Q network optimizer"""
+    """the learning rate of the Q network optimizer (Adam, eps 1e-5)"""
     max_grad_norm: float = 2.0
     """global gradient-norm clip of both the actor and the critic"""
     diffusion_steps: int = 20
-    """DDPM steps T of the cosine-schedule policy (spec §1.1)"""
+    """DDPM steps T of the cosine schedule (docs/baselines.md §1.1)"""
     num_action_samples: int = 64
-    """actions N_d sampled per policy-batch state; the best one is kept (spec §1.2)"""
+    """actions N_d sampled per policy-batch state; the best one is kept (docs/baselines.md §1.2)"""
     num_entropy_samples: int = 10
-    """uniform actions N_e per policy-batch state in the entropy term (spec §1.2)"""
+    """uniform actions N_e per policy-batch state in the entropy term (docs/baselines.md §1.2)"""
     behavior_samples: int = 4
-    """samples K_b per state for the behaviour action, argmax of the current min-Q (spec §1.3)"""
+    """samples K_b per state for the behaviour action, argmax of the current min-Q (docs/baselines.md §1.3)"""
     target_samples: int = 4
-    """samples K_t per next state from the target actor, argmax of the target min-Q (spec §1.2)"""
+    """samples K_t per next state from the target actor, argmax of the target min-Q (docs/baselines.md §1.2)"""
     eval_samples: int = 32
-    """samples per state for the evaluation action, argmax of the current min-Q (spec §1.3)"""
+    """samples per state for the evaluation action, argmax of the current min-Q (docs/baselines.md §1.3)"""
     entropy_alpha: float = 0.02
-    """initial weight of the uniform entropy rows, decayed linearly over total_timesteps to --entropy-alpha-min.
-    0 turns the entropy term off as the official code does: the uniform rows are then dropped, not kept with weight 0,
-    so the policy loss is the weighted eps-MSE over the best actions only (not diluted by 1 + N_e). The official rule
-    adds the rows while the current weight is > 0; as the floor is capped at this value and the decay stays > 0
-    before total_timesteps, that is exactly when --entropy-alpha > 0"""
+    """initial weight of the uniform entropy rows, decayed linearly to --entropy-alpha-min (docs/baselines.md §1.2);
+    0 turns the entropy term off as officially: the uniform rows are dropped, not kept with weight 0 in the mean"""
     entropy_alpha_min: float = 0.002
     """floor of the entropy weight, capped at --entropy-alpha as officially (so --entropy-alpha 0 alone gives 0)"""
     timeout_as_terminal: bool = False
-    """if toggled, time-limit truncation is terminal as in the official code (default: bootstrap through it)"""
+    """treat time-limit truncation as terminal, as the official code does (docs/baselines.md §0); default bootstraps"""
 
 
 def make_env(env_id, seed, idx, capture_video, run_name):
@@ -115,95 +112,31 @@ def make_env(env_id, seed, idx, capture_video, run_name):
     return thunk
 
 
-def check_env(env_id):
-    """Fail before training, in one line, on an id gymnasium cannot make or spaces the policy cannot drive."""
-    try:
-        env = make_env(env_id, 0, 0, False, "")()
-    except (gym.error.Error, ImportError) as e:
-        raise SystemExit(f"error: unknown env id {env_id!r}: {e}")
-    obs_space, act_space = env.observation_space, env.action_space
-    env.close()
-    if not isinstance(act_space, gym.spaces.Box):
-        raise SystemExit(f"error: {env_id} has a {type(act_space).__name__} action space; only continuous Box is supported")
-    if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
-        raise SystemExit(f"error: {env_id} has unbounded actions; the policy needs finite bounds to rescale [-1, 1]")
-    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise SystemExit(f"error: {env_id} observations are {obs_space}; a flat Box (or a Dict of them) is required")
-
-
-def check_args(args):
-    problems = [
-        msg
-        for bad, msg in [
-            (args.total_timesteps < 1, "--total-timesteps must be >= 1"),
-            (args.buffer_size < 1, "--buffer-size must be >= 1"),
-            (args.batch_size < 1, "--batch-size must be >= 1"),
-            (args.learning_starts < 0, "--learning-starts must be >= 0"),
-            (args.eval_every < 1, "--eval-every must be >= 1"),
-            (args.eval_episodes < 1, "--eval-episodes must be >= 1"),
-            (not 0.0 <= args.gamma <= 1.0, "--gamma must be in [0, 1]"),
-            (not 0.0 < args.tau <= 1.0, "--tau must be in (0, 1]"),
-            (args.policy_lr <= 0 or args.q_lr <= 0, "--policy-lr and --q-lr must be > 0"),
-            (args.max_grad_norm <= 0, "--max-grad-norm must be > 0"),
-            (args.diffusion_steps < 1, "--diffusion-steps must be >= 1"),
-            (args.num_action_samples < 1, "--num-action-samples must be >= 1"),
-            (args.num_entropy_samples < 0, "--num-entropy-samples must be >= 0"),
-            (args.behavior_samples < 1, "--behavior-samples must be >= 1"),
-            (args.target_samples < 1, "--target-samples must be >= 1"),
-            (args.eval_samples < 1, "--eval-samples must be >= 1"),
-            (not args.entropy_alpha >= 0, "--entropy-alpha must be >= 0"),
-            (not args.entropy_alpha_min >= 0, "--entropy-alpha-min must be >= 0"),
-        ]
-        if bad
-    ]
-    if problems:
-        raise SystemExit("error: " + "; ".join(problems))
-
-
 # ALGO LOGIC: initialize agent here:
 class ReplayBuffer:
-    """Ring buffer of (s, a in [-1, 1], r, s', terminated) tensors on the training device."""
+    """Ring buffer of transitions (s, a in [-1, 1], r, s', terminated), one row each, on the training device."""
 
     def __init__(self, size, obs_dim, act_dim, device):
-        self.size, self.ptr, self.full, self.device = size, 0, False, device
-        self.obs = torch.zeros(size, obs_dim, device=device)
-        self.next_obs = torch.zeros(size, obs_dim, device=device)
-        self.actions = torch.zeros(size, act_dim, device=device)
-        self.rewards = torch.zeros(size, 1, device=device)
-        self.dones = torch.zeros(size, 1, device=device)
+        self.size, self.ptr, self.full = size, 0, False
+        self.fields = [obs_dim, act_dim, 1, obs_dim, 1]
+        self.data = torch.zeros(size, sum(self.fields), device=device)
 
     def add(self, obs, next_obs, actions, rewards, terminations):
-        for buf, x in zip(
-            (self.obs, self.next_obs, self.actions, self.rewards, self.dones),
-            (obs, next_obs, actions, rewards[:, None], terminations[:, None]),
-        ):
-            idx = (self.ptr + torch.arange(len(x))) % self.size
-            buf[idx] = torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
-        self.full = self.full or self.ptr + len(obs) >= self.size
-        self.ptr = (self.ptr + len(obs)) % self.size
+        """numpy arrays, one row per env: one host-to-device copy, then row writes."""
+        rows = np.concatenate([obs, actions, rewards[:, None], next_obs, terminations[:, None]], 1, dtype=np.float32)
+        for row in torch.as_tensor(rows, device=self.data.device):
+            self.data[self.ptr] = row
+            self.ptr = (self.ptr + 1) % self.size
+            self.full = self.full or self.ptr == 0
 
     def sample(self, batch_size):
-        idx = torch.randint(0, self.size if self.full else self.ptr, (batch_size,), device=self.device)
-        return self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.dones[idx]
+        """Uniform with replacement: (obs, actions, rewards, next_obs, dones)."""
+        idx = torch.randint(0, self.size if self.full else self.ptr, (batch_size,), device=self.data.device)
+        return self.data[idx].split(self.fields, dim=1)
 
 
-def mish(x):
-    """Mish(x) = x tanh(softplus(x)) = x n / (n + 2) with n = e^x (e^x + 2), exact; the exponent is clamped at 20,
-    where n / (n + 2) is 1 in float32. Without autograd ~3x faster than F.mish on CPU (L2-sized); with it, F.mish."""
-    if x.requires_grad and torch.is_grad_enabled():
-        return F.mish(x)
-    e = x.clamp(max=20.0).exp_()
-    n = (e + 2.0).mul_(e)
-    return n.div_(n + 2.0).mul_(x)
-
-
-class Mish(nn.Module):
-    def forward(self, x):
-        return mish(x)
-
-
-def init_linear_layers(module):
-    """Every Linear: untruncated N(0, (1 / (2 sqrt(fan_in)))^2) weights, zero bias, the official init's effect (spec §0)."""
+def init_linear(module):
+    """Each Linear: weights N(0, 1/(4 fan_in)), untruncated, bias 0, the official init's effect (docs/baselines.md §0)."""
     for layer in module.modules():
         if isinstance(layer, nn.Linear):
             nn.init.normal_(layer.weight, std=1.0 / (2.0 * math.sqrt(layer.in_features)))
@@ -211,18 +144,16 @@ def init_linear_layers(module):
 
 
 class TwinQ(nn.Module):
-    """Two Q-networks [s, a] -> 256 -> 256 -> 256 -> 1 (Mish); min over members is used everywhere (spec §0)."""
+    """Two Q-networks [s, a] -> 256 -> 256 -> 256 -> 1 (Mish); min over members everywhere (docs/baselines.md §0)."""
 
     def __init__(self, obs_dim, act_dim, hidden=256, members=2):
         super().__init__()
         self.members = nn.ModuleList(
-            nn.Sequential(
-                nn.Linear(obs_dim + act_dim, hidden), Mish(), nn.Linear(hidden, hidden), Mish(),
-                nn.Linear(hidden, hidden), Mish(), nn.Linear(hidden, 1),
-            )  # fmt: skip
+            nn.Sequential(nn.Linear(obs_dim + act_dim, hidden), nn.Mish(), nn.Linear(hidden, hidden), nn.Mish(),
+                          nn.Linear(hidden, hidden), nn.Mish(), nn.Linear(hidden, 1))  # fmt: skip
             for _ in range(members)
         )
-        init_linear_layers(self)
+        init_linear(self)
 
     def forward(self, obs, act):
         """(M, obs_dim), (M, act_dim) -> (members, M)"""
@@ -230,132 +161,93 @@ class TwinQ(nn.Module):
         return torch.stack([q(x).squeeze(-1) for q in self.members])
 
     def min_q(self, obs, act):
-        return self.forward(obs, act).min(0).values
+        """min_j Q_j(s, a), (M,)"""
+        return self(obs, act).min(0).values
 
 
 def sinusoidal_embedding(x, dim=32, max_period=1e4):
-    """[sin(x f_j), cos(x f_j)] with f_j = exp(-ln(max_period) j / (dim/2 - 1)) (spec §0)."""
+    """[sin(x f_j), cos(x f_j)] with f_j = exp(-ln(max_period) j / (dim/2 - 1)) (docs/baselines.md §0)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=x.dtype) / (half - 1))
     arg = x[..., None] * freqs
     return torch.cat([torch.sin(arg), torch.cos(arg)], -1)
 
 
-def cosine_beta_schedule(steps, s=0.008):
-    """beta_i = clip(1 - f(i+1) / f(i), 0, 0.999), f(u) = cos^2((u/T + s) / (1 + s) pi/2), u = 0..T (spec §0); float64."""
-    f = np.cos((np.arange(steps + 1, dtype=np.float64) / steps + s) / (1 + s) * np.pi / 2) ** 2
-    return np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
-
-
-def ddpm_coefficients(betas):
-    """Noising and posterior coefficients of the DDPM (spec §0), float64, indexed by the step i = 0..T-1."""
-    alphas = 1.0 - betas
-    abar = np.cumprod(alphas)
-    abar_prev = np.append(1.0, abar[:-1])
-    posterior_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+def cosine_schedule(steps, s=0.008):
+    """Cosine DDPM schedule, float64, i = 0..steps-1 (docs/baselines.md §0): x_i = sqrt_ac_i a + sqrt_1m_ac_i eps,
+    x0_hat = recip_i x_i - recipm1_i eps, x_{i-1} = c1_i x0_hat + c2_i x_i + sigma_i z (log sigma^2 >= log 1e-20)."""
+    u = torch.arange(steps + 1, dtype=torch.float64)
+    f = torch.cos((u / steps + s) / (1 + s) * math.pi / 2).square()
+    beta = (1 - f[1:] / f[:-1]).clamp(0.0, 0.999)
+    ac = torch.cumprod(1 - beta, 0)
+    prev = torch.cat([ac.new_ones(1), ac[:-1]])  # alphabar_{i-1}, with alphabar_{-1} = 1
     return {
-        "sqrt_abar": np.sqrt(abar),  # x_i = sqrt_abar a + sqrt_1m_abar eps
-        "sqrt_1m_abar": np.sqrt(1.0 - abar),
-        "recip": np.sqrt(1.0 / abar),  # x0_hat = recip x_i - recipm1 eps
-        "recipm1": np.sqrt(1.0 / abar - 1.0),
-        "c1": betas * np.sqrt(abar_prev) / (1.0 - abar),  # posterior mean = c1 x0_hat + c2 x_i
-        "c2": (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
-        "sigma": np.exp(0.5 * np.log(np.maximum(posterior_var, 1e-20))),  # log variance clamped at log(1e-20)
-    }
+        "sqrt_ac": ac.sqrt(), "sqrt_1m_ac": (1 - ac).sqrt(), "recip": (1 / ac).sqrt(), "recipm1": (1 / ac - 1).sqrt(),
+        "c1": beta * prev.sqrt() / (1 - ac), "c2": (1 - prev) * (1 - beta).sqrt() / (1 - ac),
+        "sigma": (0.5 * (beta * (1 - prev) / (1 - ac)).clamp(min=1e-20).log()).exp(),
+    }  # fmt: skip
 
 
 class Denoiser(nn.Module):
-    """eps_theta(x_i, i, s): [x, t_emb(i), s] -> 256 -> 256 -> 256 -> D with Mish, where t_emb of the integer step i is
-    sinusoid_32 -> Linear(32, 256) -> Mish -> Linear(256, 32); carries its cosine DDPM schedule of T steps (spec §0).
+    """eps_theta(x_i, i, s): [x_i, t_emb(i), s] -> 256 -> 256 -> 256 -> D (Mish), t_emb(i) = sinusoid_32 of the integer
+    step -> Linear(32, 256) -> Mish -> Linear(256, 32); with its T-step cosine schedule (docs/baselines.md §0). The first
+    layer is W_x x + condition(s, i), the sampler computes the condition once per state and step, not per sample."""
 
-    The first layer is split by input so that the sampler computes the state term (W_s s + b, once per state) and the
-    step term (W_t t_emb(i), once per step) once, not per sample (exact: a Linear of a concatenation is a sum).
-    """
-
-    def __init__(self, obs_dim, act_dim, diffusion_steps=20, hidden=256, t_dim=32):
+    def __init__(self, obs_dim, act_dim, diffusion_steps, hidden=256, t_dim=32):
         super().__init__()
         self.obs_dim, self.act_dim, self.t_dim, self.steps = obs_dim, act_dim, t_dim, diffusion_steps
-        self.time_mlp = nn.Sequential(nn.Linear(t_dim, hidden), Mish(), nn.Linear(hidden, t_dim))
+        self.time_mlp = nn.Sequential(nn.Linear(t_dim, hidden), nn.Mish(), nn.Linear(hidden, t_dim))
         self.inp = nn.Linear(act_dim + t_dim + obs_dim, hidden)
         self.mid = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(2))
         self.out = nn.Linear(hidden, act_dim)
-        init_linear_layers(self)
-        coef = ddpm_coefficients(cosine_beta_schedule(diffusion_steps))
-        self.coef = {k: v.tolist() for k, v in coef.items()}  # Python floats for the sampler
-        for k in ("sqrt_abar", "sqrt_1m_abar"):  # tensors for the training loss
-            self.register_buffer(k, torch.tensor(coef[k], dtype=torch.float32), persistent=False)
+        init_linear(self)
+        for name, value in cosine_schedule(diffusion_steps).items():
+            self.register_buffer(name, value.float(), persistent=False)
 
-    def split_input_weight(self):
-        return self.inp.weight.split([self.act_dim, self.t_dim, self.obs_dim], dim=1)
+    def condition(self, obs, i):
+        """The sample-independent part of the first layer, W_t t_emb(i) + W_s s + b; i integer steps, broadcast."""
+        _, w_t, w_s = self.inp.weight.split([self.act_dim, self.t_dim, self.obs_dim], dim=1)
+        return F.linear(self.time_mlp(sinusoidal_embedding(i.float(), self.t_dim)), w_t) + F.linear(obs, w_s, self.inp.bias)
 
-    def time_embedding(self, i):
-        return self.time_mlp(sinusoidal_embedding(i.float(), self.t_dim))
-
-    def condition(self, obs):
-        """Sample- and step-independent part of the first layer: W_s s + b."""
-        return F.linear(obs, self.split_input_weight()[2], self.inp.bias)
-
-    def step_terms(self):
-        """W_t t_emb(i) for every step i = 0..T-1, (T, H)."""
-        i = torch.arange(self.steps, device=self.inp.weight.device)
-        return F.linear(self.time_embedding(i), self.split_input_weight()[1])
-
-    def forward(self, obs, x, i):
-        """(B, obs_dim), (B, D), (B,) integer steps -> predicted noise (B, D), the unsplit form."""
-        h = mish(self.inp(torch.cat([x, self.time_embedding(i), obs], -1)))
+    def head(self, x, cond):
+        """The rest of the network, given cond = condition(obs, i) (broadcast over samples)."""
+        h = F.mish(F.linear(x, self.inp.weight[:, : self.act_dim]) + cond)
         for layer in self.mid:
-            h = mish(layer(h))
+            h = F.mish(layer(h))
         return self.out(h)
 
+    def forward(self, x, i, obs):
+        """(B, D), (B,) integer steps, (B, obs_dim) -> predicted noise (B, D)"""
+        return self.head(x, self.condition(obs, i))
 
-def ddpm_sample(actor, obs, x, noise):
-    """Reverse DDPM chain for i = T-1..0 (spec §0): x0_hat = clamp(recip_i x - recipm1_i eps_theta, -1, 1),
-    x <- c1_i x0_hat + c2_i x + 1[i > 0] sigma_i z_i; the final x is clamped to [-1, 1]; noise_ratio 1.
 
-    obs (B, obs_dim), x (B, N, D) the initial N(0, I) draw, noise (T, B, N, D) the z_i (noise[0] unused).
-    """
-    c = actor.coef
-    B, N, D = x.shape
-    cond = actor.condition(obs).repeat_interleave(N, 0)  # (B N, H), one row per sample
-    step_terms = actor.step_terms()  # (T, H)
-    # (in, out)-contiguous weights and addmm: the trunk of actor.head with fewer kernel launches (acting is batch 4)
-    w_x = actor.split_input_weight()[0].t().contiguous()
-    (w2, b2), (w3, b3), (w4, b4) = [(layer.weight.t().contiguous(), layer.bias) for layer in (*actor.mid, actor.out)]
-    x = x.reshape(B * N, D)
+def ddpm_sample(actor, obs, x, z=None):
+    """Reverse DDPM chain for i = T-1..0 (docs/baselines.md §0): x0_hat = clamp(recip_i x - recipm1_i eps_theta, -1, 1),
+    x <- c1_i x0_hat + c2_i x + 1[i > 0] sigma_i z_i, and a final clamp to [-1, 1]. obs (B, obs_dim), x (B, N, D) the
+    initial N(0, I) draw, z (T, B, N, D) the per-step noise (noise_ratio 1, z[0] unused) or None (noise_ratio 0)."""
+    cond = actor.condition(obs[:, None], torch.arange(actor.steps, device=x.device)[:, None, None])  # (T, B, 1, H)
     for i in reversed(range(actor.steps)):
-        h = mish(torch.addmm(cond, x, w_x).add_(step_terms[i]))
-        h = mish(torch.addmm(b2, h, w2))
-        h = mish(torch.addmm(b3, h, w3))
-        eps = torch.addmm(b4, h, w4)
-        x0 = torch.sub(x * c["recip"][i], eps, alpha=c["recipm1"][i]).clamp_(-1.0, 1.0)
-        x = x0.mul_(c["c1"][i]).add_(x, alpha=c["c2"][i])
-        if i > 0:
-            x.add_(noise[i].reshape(B * N, D), alpha=c["sigma"][i])
-    return x.clamp_(-1.0, 1.0).view(B, N, D)
-
-
-CPU_CHUNK_ROWS = 512  # samples per sampler chunk on CPU: 512 x 256 activations stay in L2 (2x faster than one chunk)
+        eps = actor.head(x, cond[i])
+        x0_hat = (actor.recip[i] * x - actor.recipm1[i] * eps).clamp(-1.0, 1.0)
+        x = actor.c1[i] * x0_hat + actor.c2[i] * x
+        if i > 0 and z is not None:
+            x = x + actor.sigma[i] * z[i]
+    return x.clamp(-1.0, 1.0)
 
 
 @torch.no_grad()
-def best_of_k(actor, qf, obs, k):
+def best_of_k(actor, qf, obs, k, sample=ddpm_sample):
     """k samples per state from actor (noise 1), scored by qf.min_q; returns the argmax action (B, D) in [-1, 1] and
-    all the scores (B, k) (spec §1.2-1.3). On CPU the states are processed in chunks of CPU_CHUNK_ROWS samples."""
+    all the scores (B, k) (docs/baselines.md §1.2-1.3). `sample` is ddpm_sample or its compiled version."""
     B, D = obs.shape[0], actor.act_dim
-    per_chunk = max(1, CPU_CHUNK_ROWS // k) if obs.device.type == "cpu" else B
-    best, scores = [], []
-    for o in obs.split(per_chunk):
-        b = o.shape[0]
-        x = torch.randn(b, k, D, device=o.device)
-        a = ddpm_sample(actor, o, x, torch.randn(actor.steps, b, k, D, device=o.device))
-        q = qf.min_q(o[:, None].expand(b, k, o.shape[-1]).reshape(b * k, -1), a.reshape(b * k, D)).view(b, k)
-        best.append(a[torch.arange(b, device=o.device), q.argmax(1)])
-        scores.append(q)
-    return torch.cat(best), torch.cat(scores)
+    x = torch.randn(B, k, D, device=obs.device)
+    a = sample(actor, obs, x, torch.randn(actor.steps, B, k, D, device=obs.device))
+    q = qf.min_q(obs[:, None].expand(-1, k, -1).reshape(B * k, -1), a.reshape(B * k, D)).view(B, k)
+    return a[torch.arange(B, device=obs.device), q.argmax(1)], q
 
 
 def qadv_weight(q):
-    """qadv: w(s) = max(max_n q - mean_n q, 0), raw Q units, not normalised (spec §1.2). q (B, N) -> (B,)"""
+    """qadv: w(s) = max(max_n q - mean_n q, 0), raw Q units, not normalised (docs/baselines.md §1.2). q (B, N) -> (B,)"""
     return (q.max(1).values - q.mean(1)).clamp(min=0.0)
 
 
@@ -365,31 +257,24 @@ def entropy_coef(step, total_timesteps, alpha, alpha_min):
     return min(alpha, max(alpha_min, alpha * (1.0 - step / total_timesteps)))
 
 
-def weighted_eps_loss(actor, obs, actions, weights, i=None, noise=None):
-    """Weighted eps-MSE (spec §0): per row i ~ U{0..T-1}, eps ~ N(0, I), x_i = sqrt(abar_i) a + sqrt(1 - abar_i) eps;
-    the mean over all rows and dims of w (eps_theta(x_i, i, s) - eps)^2. obs (N, obs_dim), actions (N, D), weights (N,)."""
-    if i is None:
-        i = torch.randint(0, actor.steps, (actions.shape[0],), device=actions.device)
-    if noise is None:
-        noise = torch.randn_like(actions)
-    x = actor.sqrt_abar[i, None] * actions + actor.sqrt_1m_abar[i, None] * noise
-    return (weights[:, None] * (actor(obs, x, i) - noise).square()).mean()
-
-
 def policy_rows(obs, best, weight, num_uniform, entropy_alpha):
-    """Rows of the policy loss (spec §1.2): each state's best action with weight w(s), then num_uniform U(-1, 1)^D
-    actions per state with weight entropy_alpha w(s). Returns (obs, actions, weights) of B (1 + num_uniform) rows.
-    With entropy_alpha 0 the uniform rows are left out (B rows), as the official code adds them only when its
-    entropy weight is > 0: zero-weight rows would otherwise still count in the loss mean and dilute it."""
+    """Rows (obs, actions, weights) of the policy loss (docs/baselines.md §1.2): each state's best action with weight
+    w(s), then num_uniform U(-1, 1)^D actions per state with weight entropy_alpha w(s). Officially the uniform rows
+    exist only while entropy_alpha > 0: at 0 they are left out, not kept with weight 0 to dilute the loss mean."""
     if not entropy_alpha > 0:
         return obs, best, weight
-    B, D = best.shape
-    uniform = torch.rand(B * num_uniform, D, device=best.device) * 2 - 1
-    return (
-        torch.cat([obs, obs.repeat_interleave(num_uniform, 0)]),
-        torch.cat([best, uniform]),
-        torch.cat([weight, (entropy_alpha * weight).repeat_interleave(num_uniform)]),
-    )
+    uniform = torch.rand(best.shape[0] * num_uniform, best.shape[1], device=best.device) * 2 - 1
+    repeat = lambda x: x.repeat_interleave(num_uniform, 0)  # noqa: E731
+    return torch.cat([obs, repeat(obs)]), torch.cat([best, uniform]), torch.cat([weight, entropy_alpha * repeat(weight)])
+
+
+def weighted_eps_loss(actor, obs, actions, weights):
+    """Weighted eps-MSE (docs/baselines.md §0): per row i ~ U{0..T-1}, eps ~ N(0, I), x_i = sqrt_ac_i a + sqrt_1m_ac_i
+    eps; the mean over all rows and dims of w (eps_theta(x_i, i, s) - eps)^2. obs (N, obs), actions (N, D), weights (N,)."""
+    i = torch.randint(0, actor.steps, (actions.shape[0],), device=actions.device)
+    eps = torch.randn_like(actions)
+    x = actor.sqrt_ac[i, None] * actions + actor.sqrt_1m_ac[i, None] * eps
+    return (weights[:, None] * (actor(x, i, obs) - eps).square()).mean()
 
 
 def soft_update(target, online, tau):
@@ -398,13 +283,14 @@ def soft_update(target, online, tau):
             tp.lerp_(p, tau)
 
 
-def update(batch, policy_obs, actor, actor_target, qf, qf_target, actor_optimizer, q_optimizer, entropy_alpha, args):
-    """One QVPO iteration (spec §1.2): critic on batch, then the policy on the states of a second, independent batch.
-    Returns device tensors of diagnostics."""
+def update(batch, policy_obs, actor, actor_target, qf, qf_target, actor_optimizer, q_optimizer, entropy_alpha, args,
+           sample=ddpm_sample):  # fmt: skip
+    """One QVPO iteration (docs/baselines.md §1.2): critic on batch, then the policy on the states of a second,
+    independent batch; `sample` is ddpm_sample or its compiled version. Returns device tensors of diagnostics."""
     obs, actions, rewards, next_obs, dones = batch
     # critic target: best of K_t target-actor samples under the target min-Q
     with torch.no_grad():
-        _, next_q = best_of_k(actor_target, qf_target, next_obs, args.target_samples)
+        _, next_q = best_of_k(actor_target, qf_target, next_obs, args.target_samples, sample)
         target_q = rewards.flatten() + (1 - dones.flatten()) * args.gamma * next_q.max(1).values  # no entropy term
 
     # critic: the gradient is that of MSE(Q1, y) + MSE(Q2, y); qf_loss logs their mean as CleanRL does
@@ -417,7 +303,7 @@ def update(batch, policy_obs, actor, actor_target, qf, qf_target, actor_optimize
     q_optimizer.step()
 
     # policy: best of N_d current-actor samples under the just-updated critic, qadv-weighted, plus the entropy rows
-    best, q = best_of_k(actor, qf, policy_obs, args.num_action_samples)
+    best, q = best_of_k(actor, qf, policy_obs, args.num_action_samples, sample)
     weight = qadv_weight(q)
     rows = policy_rows(policy_obs, best, weight, args.num_entropy_samples, entropy_alpha)
     actor_loss = weighted_eps_loss(actor, *rows)
@@ -436,14 +322,14 @@ def update(batch, policy_obs, actor, actor_target, qf, qf_target, actor_optimize
     }  # fmt: skip
 
 
-def act(actor, qf, obs, args):
-    """Behaviour action: best of K_b samples under the current min-Q (spec §1.3). obs (E, obs_dim) -> (E, D) in [-1, 1]."""
-    return best_of_k(actor, qf, obs, args.behavior_samples)[0]
+def act(actor, qf, obs, args, sample=ddpm_sample):
+    """Behaviour action: best of K_b samples under the current min-Q (docs/baselines.md §1.3). obs (E, obs) -> (E, D)."""
+    return best_of_k(actor, qf, obs, args.behavior_samples, sample)[0]
 
 
-def act_eval(actor, qf, obs, args):
-    """Evaluation action: best of 32 samples with sampling noise under the current min-Q, as officially (spec §1.3)."""
-    return best_of_k(actor, qf, obs, args.eval_samples)[0]
+def act_eval(actor, qf, obs, args, sample=ddpm_sample):
+    """Evaluation action: best of 32 samples (noise 1) under the current min-Q, as officially (docs/baselines.md §1.3)."""
+    return best_of_k(actor, qf, obs, args.eval_samples, sample)[0]
 
 
 def evaluate(policy, envs, action_scale, action_bias, device):
@@ -452,12 +338,52 @@ def evaluate(policy, envs, action_scale, action_bias, device):
     returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
     while not done.all():
         with torch.no_grad():
-            actions = policy(torch.as_tensor(obs, dtype=torch.float32, device=device))
-        env_actions = (actions * action_scale + action_bias).cpu().numpy().astype(envs.single_action_space.dtype)
+            actions = policy(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+        env_actions = (actions * action_scale + action_bias).astype(envs.single_action_space.dtype)
         obs, rewards, terminations, truncations, _ = envs.step(env_actions)
         returns += np.where(done, 0.0, rewards)
         done |= terminations | truncations
     return float(returns.mean())
+
+
+# input checks: one `error:` line and exit 1 before training, never a silent wrong run
+def check_args(args):
+    problems = [msg for bad, msg in [
+        (args.total_timesteps < 1, "--total-timesteps must be >= 1"),
+        (args.buffer_size < 1, "--buffer-size must be >= 1"),
+        (args.batch_size < 1, "--batch-size must be >= 1"),
+        (args.learning_starts < 0, "--learning-starts must be >= 0"),
+        (args.eval_every < 1, "--eval-every must be >= 1"),
+        (args.eval_episodes < 1, "--eval-episodes must be >= 1"),
+        (not 0.0 <= args.gamma <= 1.0, "--gamma must be in [0, 1]"),
+        (not 0.0 < args.tau <= 1.0, "--tau must be in (0, 1]"),
+        (args.policy_lr <= 0 or args.q_lr <= 0, "--policy-lr and --q-lr must be > 0"),
+        (args.max_grad_norm <= 0, "--max-grad-norm must be > 0"),
+        (args.diffusion_steps < 1, "--diffusion-steps must be >= 1"),
+        (min(args.num_action_samples, args.behavior_samples, args.target_samples, args.eval_samples) < 1,
+         "--num-action-samples, --behavior-samples, --target-samples and --eval-samples must be >= 1"),
+        (args.num_entropy_samples < 0, "--num-entropy-samples must be >= 0"),
+        (not args.entropy_alpha >= 0, "--entropy-alpha must be >= 0"),
+        (not args.entropy_alpha_min >= 0, "--entropy-alpha-min must be >= 0"),
+        ] if bad]  # fmt: skip
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
+def check_env(env_id):
+    """Fail before training, in one line, on an id gymnasium cannot make or spaces the policy cannot drive."""
+    try:
+        env = make_env(env_id, 0, 0, False, "")()
+    except (gym.error.Error, ImportError) as e:
+        raise SystemExit(f"error: unknown env id {env_id!r}: {e}")
+    obs_space, act_space = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(act_space, gym.spaces.Box):
+        raise SystemExit(f"error: {env_id} has a {type(act_space).__name__} action space; only continuous Box is supported")
+    if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
+        raise SystemExit(f"error: {env_id} has unbounded actions; the policy needs finite bounds to rescale [-1, 1]")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise SystemExit(f"error: {env_id} observations are {obs_space}; a flat Box (or a Dict of them) is required")
 
 
 if __name__ == "__main__":
@@ -468,19 +394,11 @@ if __name__ == "__main__":
     if args.track:
         import wandb
 
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True)  # fmt: skip
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    hyperparameters = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -489,21 +407,19 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True  # CUDA only; the official code's GPUs run TF32 by default too
 
     # env setup: one training env; evaluation envs seeded 0..eval_episodes-1
-    envs = gym.vector.SyncVectorEnv(
-        [make_env(args.env_id, args.seed, 0, args.capture_video, run_name)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-    )
+    same_step = gym.vector.AutoresetMode.SAME_STEP
+    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, args.seed, 0, args.capture_video, run_name)],
+                                    autoreset_mode=same_step)
     eval_envs = gym.vector.SyncVectorEnv(
-        [make_env(args.env_id, i, i, False, run_name) for i in range(args.eval_episodes)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+        [make_env(args.env_id, i, i, False, run_name) for i in range(args.eval_episodes)], autoreset_mode=same_step
     )
     obs_dim = int(np.prod(envs.single_observation_space.shape))
     act_dim = int(np.prod(envs.single_action_space.shape))
-    low = torch.as_tensor(envs.single_action_space.low, dtype=torch.float32, device=device)
-    high = torch.as_tensor(envs.single_action_space.high, dtype=torch.float32, device=device)
-    action_scale, action_bias = (high - low) / 2, (high + low) / 2
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+    action_scale, action_bias = (high - low) / 2, (high + low) / 2  # the policy acts in [-1, 1]
 
     actor = Denoiser(obs_dim, act_dim, args.diffusion_steps).to(device)
     actor_target = copy.deepcopy(actor)
@@ -512,14 +428,15 @@ if __name__ == "__main__":
     actor_optimizer = optim.Adam(actor.parameters(), lr=args.policy_lr, eps=1e-5)
     q_optimizer = optim.Adam(qf.parameters(), lr=args.q_lr, eps=1e-5)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
-    if args.compile:  # the 20-step chains are most of an update; compiling fuses their elementwise work
-        ddpm_sample = torch.compile(ddpm_sample)
+    # the DDPM chains are most of an update and of every action; compiling fuses their elementwise work
+    sample = torch.compile(ddpm_sample) if args.compile else ddpm_sample
 
-    def policy_eval(o):
-        return act_eval(actor, qf, o, args)
+    policy_eval = lambda o: act_eval(actor, qf, o, args, sample)  # noqa: E731  (obs -> evaluation action)
 
     start_time = time.time()
     last_return = float("nan")
+    loss_names = ["losses/qf1_loss", "losses/qf2_loss", "losses/actor_loss"]
+    first_bad_step = torch.full((len(loss_names),), -1, device=device)  # read at the logging cadence: no sync per step
 
     # TRY NOT TO MODIFY: start the game
     obs, _ = envs.reset(seed=args.seed)
@@ -527,12 +444,12 @@ if __name__ == "__main__":
         # ALGO LOGIC: put action logic here
         if global_step < args.learning_starts:
             actions = np.array([envs.single_action_space.sample() for _ in range(envs.num_envs)])
-            norm_actions = (actions - action_bias.cpu().numpy()) / action_scale.cpu().numpy()
+            norm_actions = (actions - action_bias) / action_scale
         else:
             with torch.no_grad():
-                norm = act(actor, qf, torch.as_tensor(obs, dtype=torch.float32, device=device), args)
-            norm_actions = norm.cpu().numpy()
-            actions = (norm * action_scale + action_bias).cpu().numpy().astype(envs.single_action_space.dtype)
+                norm = act(actor, qf, torch.as_tensor(obs, dtype=torch.float32, device=device), args, sample)
+            norm_actions = norm.cpu().numpy()  # the step's one device-to-host copy
+            actions = (norm_actions * action_scale + action_bias).astype(envs.single_action_space.dtype)
 
         # TRY NOT TO MODIFY: execute the game and log data.
         next_obs, rewards, terminations, truncations, infos = envs.step(actions)
@@ -557,24 +474,26 @@ if __name__ == "__main__":
         # ALGO LOGIC: training.
         if global_step >= args.learning_starts:
             alpha = entropy_coef(global_step, args.total_timesteps, args.entropy_alpha, args.entropy_alpha_min)
-            logs = update(
-                rb.sample(args.batch_size), rb.sample(args.batch_size)[0],
-                actor, actor_target, qf, qf_target, actor_optimizer, q_optimizer, alpha, args,
-            )  # fmt: skip
-            losses = {k: v for k, v in logs.items() if k.startswith("losses/")}
-            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+            batch, policy_obs = rb.sample(args.batch_size), rb.sample(args.batch_size)[0]  # two independent batches
+            logs = update(batch, policy_obs, actor, actor_target, qf, qf_target, actor_optimizer, q_optimizer, alpha,
+                          args, sample)  # fmt: skip
+            finite = torch.isfinite(torch.stack([logs[k] for k in loss_names]))
+            first_bad_step = torch.where(finite | (first_bad_step >= 0), first_bad_step, global_step)
+        last_step = global_step + 1 == args.total_timesteps
+        if global_step % 100 == 0 or last_step:  # a NaN loss stops the run, naming the first step it appeared at
+            bad = [(s, k) for s, k in zip(first_bad_step.tolist(), loss_names) if s >= 0]
             if bad:
-                raise SystemExit(f"error: non-finite {', '.join(bad)} at step {global_step}")
-            if global_step % 100 == 0:
+                raise SystemExit(f"error: non-finite {', '.join(k for _, k in bad)} at step {min(bad)[0]}")
+        if global_step % 100 == 0:
+            if global_step >= args.learning_starts:
                 for k, v in logs.items():
                     writer.add_scalar(k, v.item(), global_step)
                 writer.add_scalar("qvpo/entropy_alpha", alpha, global_step)
-        if global_step % 100 == 0:
             sps = int(global_step / (time.time() - start_time))
             print(f"step={global_step} SPS={sps} last_return={last_return:.1f}")
             writer.add_scalar("charts/SPS", sps, global_step)
 
-        if (global_step + 1) % args.eval_every == 0 or global_step + 1 == args.total_timesteps:
+        if (global_step + 1) % args.eval_every == 0 or last_step:
             eval_return = evaluate(policy_eval, eval_envs, action_scale, action_bias, device)
             writer.add_scalar("eval/episodic_return", eval_return, global_step + 1)
             print(f"eval step={global_step + 1} return={eval_return:.2f}")
