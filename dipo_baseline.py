@@ -192,7 +192,7 @@ class TwinQ(nn.Module):
         return self(obs, act).min(0).values
 
 
-def sinusoidal_embedding(x, dim=32, max_period=1e4):
+def sinusoidal_embedding(x, dim=128, max_period=1000.0):
     """[sin(x f_j), cos(x f_j)] with f_j = exp(-ln(max_period) j / (dim/2 - 1)) (docs/baselines.md §0)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=x.dtype) / (half - 1))
@@ -234,7 +234,8 @@ class Denoiser(nn.Module):
     def condition(self, obs, i):
         """The sample-independent part of the first layer, W_t t_emb(i) + W_s s + b; i integer steps, broadcast."""
         _, w_t, w_s = self.inp.weight.split([self.act_dim, self.t_dim, self.obs_dim], dim=1)
-        return F.linear(self.time_mlp(sinusoidal_embedding(i.float(), self.t_dim)), w_t) + F.linear(obs, w_s, self.inp.bias)
+        t_emb = self.time_mlp(sinusoidal_embedding(i.float(), self.t_dim, max_period=1e4))
+        return F.linear(t_emb, w_t) + F.linear(obs, w_s, self.inp.bias)
 
     def head(self, x, cond):
         """The rest of the network, given cond = condition(obs, i) (broadcast over samples)."""
@@ -438,7 +439,6 @@ if __name__ == "__main__":
     memory = DiffusionMemory(args.buffer_size, obs_dim, act_dim, device)
     # the DDPM chains are most of an update and of every action; compiling fuses their elementwise work
     sample = torch.compile(ddpm_sample) if args.compile else ddpm_sample
-
     policy_eval = lambda o: act(actor, o, sample, noise=False)  # noqa: E731  (obs -> evaluation action)
 
     start_time = time.time()

@@ -555,6 +555,8 @@ def test_diffusion_memory_rows_write_back_and_sample():
         o, o2, a, r = rng.normal(size=(1, 3)), rng.normal(size=(1, 3)), rng.uniform(-1, 1, (1, 2)), rng.normal(size=1)
         memory.add(o, o2, a, r, np.array([False]))
         added.append(np.concatenate([o[0], a[0], r, o2[0], [0.0]]))
+        if step == 1:  # sampling draws only the filled rows
+            assert not memory.full and set(memory.sample(64)[2].tolist()) == {0, 1}
     expected = torch.as_tensor(np.stack(added[4:] + added[2:4]), dtype=torch.float32)
     torch.testing.assert_close(memory.data, expected)
     memory.write_back(torch.tensor([1, 3]), torch.tensor([[0.5, -0.5], [0.25, 0.75]]))
