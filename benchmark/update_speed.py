@@ -78,46 +78,43 @@ def bench_qvpo_baseline(a, device):
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr, eps=1e-5)
     batch = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)
     policy_obs = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)[0]
-    if a.compile:
-        m.ddpm_sample = torch.compile(m.ddpm_sample)
+    sample = torch.compile(m.ddpm_sample) if a.compile else m.ddpm_sample
 
     def one_update():
-        m.update(batch, policy_obs, actor, actor_target, qf, qf_target, actor_opt, q_opt, args.entropy_alpha, args)
+        m.update(batch, policy_obs, actor, actor_target, qf, qf_target, actor_opt, q_opt, args.entropy_alpha, args, sample)
 
     ms = timed(one_update, a.warmup, a.repeats, device)
     obs1 = torch.randn(1, a.obs_dim, device=device)
     with torch.no_grad():
-        act_ms = timed(lambda: m.act(actor, qf, obs1, args), a.warmup, a.repeats * 4, device)
-        eval_ms = timed(lambda: m.act_eval(actor, qf, obs1, args), a.warmup, a.repeats * 4, device)
+        act_ms = timed(lambda: m.act(actor, qf, obs1, args, sample), a.warmup, a.repeats * 4, device)
+        eval_ms = timed(lambda: m.act_eval(actor, qf, obs1, args, sample), a.warmup, a.repeats * 4, device)
     return f"qvpo_baseline: {ms:.1f} ms/update ({act_ms:.2f} ms/behaviour action, {eval_ms:.2f} ms/eval action)"
 
 
 def bench_dipo_baseline(a, device):
     m = importlib.import_module("dipo_baseline")
     args = m.resolve_args(m.Args(**({"env_id": a.env_id} if a.env_id else {})))
-    actor = m.Denoiser(a.obs_dim, a.act_dim).to(device)
+    actor = m.Denoiser(a.obs_dim, a.act_dim, args.diffusion_steps).to(device)
     actor_target = copy.deepcopy(actor)
     qf = m.TwinQ(a.obs_dim, a.act_dim).to(device)
     qf_target = copy.deepcopy(qf)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, eps=1e-5)
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr, eps=1e-5)
-    sched = m.DDPMSchedule(args.diffusion_steps, device)
-    memory = m.DiffusionMemory(10 * args.batch_size, a.obs_dim, a.act_dim, device)
-    mem_obs, mem_actions = random_batch(10 * args.batch_size, a.obs_dim, a.act_dim, device)[:2]
-    memory.add(mem_obs.cpu().numpy(), mem_actions.cpu().numpy())
+    memory = m.DiffusionMemory(2560, a.obs_dim, a.act_dim, device)
+    obs, actions, rewards, next_obs, dones = [x.cpu().numpy() for x in random_batch(2560, a.obs_dim, a.act_dim, device)]
+    memory.add(obs, next_obs, actions, rewards[:, 0], dones[:, 0])
     batch = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)
-    if a.compile:
-        m.ddpm_sample = torch.compile(m.ddpm_sample)
+    sample = torch.compile(m.ddpm_sample) if a.compile else m.ddpm_sample
     step = iter(range(10**9))
 
     def one_update():
-        m.update(batch, memory, actor, actor_target, qf, qf_target, actor_opt, q_opt, sched, next(step), args)
+        m.update(batch, memory, actor, actor_target, qf, qf_target, actor_opt, q_opt, next(step), args, sample)
 
     ms = timed(one_update, a.warmup, a.repeats, device)
     obs1 = torch.randn(1, a.obs_dim, device=device)
     with torch.no_grad():
-        act_ms = timed(lambda: m.act(actor, obs1, sched), a.warmup, a.repeats * 4, device)
-        eval_ms = timed(lambda: m.act_eval(actor, obs1, sched), a.warmup, a.repeats * 4, device)
+        act_ms = timed(lambda: m.act(actor, obs1, sample), a.warmup, a.repeats * 4, device)
+        eval_ms = timed(lambda: m.act(actor, obs1, sample, noise=False), a.warmup, a.repeats * 4, device)
     row = f", {args.action_gradient_steps} action-gradient steps"
     return f"dipo_baseline: {ms:.1f} ms/update ({act_ms:.2f} ms/behaviour action, {eval_ms:.2f} ms/eval action{row})"
 
