@@ -28,69 +28,38 @@ logging.getLogger("absl").addFilter(lambda record: "settotalmass" not in record.
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda will be used when available"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
-    wandb_project_name: str = "rfm"
-    """the wandb's project name"""
-    wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
-    capture_video: bool = False
-    """whether to capture videos of the agent performances (check out `videos` folder)"""
-    save_model: bool = False
-    """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
-    compile: bool = False
-    """if toggled, the particle sampler (DDPM chain + min-Q scoring) is compiled with torch.compile"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment
+    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
+    cuda: bool = True  # if toggled, cuda will be used when available
+    track: bool = False  # if toggled, this experiment will be tracked with Weights and Biases
+    wandb_project_name: str = "rfm"  # the wandb's project name
+    wandb_entity: str | None = None  # the entity (team) of wandb's project
+    capture_video: bool = False  # whether to capture videos of the agent performances (check out `videos` folder)
+    save_model: bool = False  # whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it
+    compile: bool = False  # torch.compile the particle sampler (DDPM chain + min-Q scoring)
 
     # Algorithm specific arguments
-    env_id: str = "dm_control/cheetah-run-v0"
-    """the id of the environment (gymnasium id, `dm_control/<domain>-<task>-v0`, or `module:Env-v0`)"""
-    total_timesteps: int = 250_000
-    """total timesteps of the experiments"""
-    buffer_size: int = 250_000
-    """the replay memory buffer size"""
-    gamma: float = 0.99
-    """the discount factor gamma"""
-    tau: float = 0.005
-    """target smoothing coefficient"""
-    batch_size: int = 256
-    """the batch size of sample from the replay memory"""
-    learning_starts: int = 10_000
-    """timestep to start learning (uniform random actions before)"""
-    eval_every: int = 10_000
-    """evaluate the policy every this many env steps (and at the end)"""
-    eval_episodes: int = 25
-    """evaluation episodes, one per vectorised eval env seeded 0..eval_episodes-1"""
-    policy_lr: float = 3e-4
-    """the learning rate of the policy network optimizer"""
-    q_lr: float = 1e-3
-    """the learning rate of the Q network optimizer"""
-    max_grad_norm: float = 10.0
-    """gradient-norm clip of the actor, and of each critic member separately"""
-    temperature: float = 0.02
-    """Boltzmann temperature T of the target exp(Q/T) (docs/rfm.md §1)"""
-    diffusion_steps: int = 20
-    """DDPM steps T_d of the cosine schedule; index i = 0..T_d-1, small i near the data (docs/rfm.md §11)"""
-    x0_clip: float = 5.0
-    """the sampler clamps the x0 prediction to |y| <= x0_clip in latent space (tanh(5) = 0.99991): at the noisiest
-    step sigma/alpha ~ 400 amplifies any eps error, which otherwise saturates the actions"""
-    num_particles: int = 32
-    """policy particles per state for acting, TD targets and evaluation (docs/rfm.md §7.1)"""
-    num_posterior_samples: int = 100
-    """reverse proposals K per (state, x_i) (docs/rfm.md §11)"""
-    estimator: Literal["stein", "noise", "gradient"] = "stein"
-    """posterior-noise estimator: plug-in control variate, lambda=0, or lambda=sigma^2/alpha^2 (docs/rfm.md §11)"""
-    cv_ridge: float = 1e-4
-    """ridge rho of the plug-in control-variate coefficient (docs/rfm.md §6)"""
-    cv_clip: float = 2.0
-    """clip c of the plug-in control-variate coefficient (docs/rfm.md §6)"""
+    env_id: str = "dm_control/cheetah-run-v0"  # gymnasium id, `dm_control/<domain>-<task>-v0`, or `module:Env-v0`
+    total_timesteps: int = 250_000  # total timesteps of the experiments
+    buffer_size: int = 250_000  # the replay memory buffer size
+    gamma: float = 0.99  # the discount factor gamma
+    tau: float = 0.005  # target smoothing coefficient
+    batch_size: int = 256  # the batch size of sample from the replay memory
+    learning_starts: int = 10_000  # timestep to start learning (uniform random actions before)
+    eval_every: int = 10_000  # evaluate the policy every this many env steps (and at the end)
+    eval_episodes: int = 25  # evaluation episodes, one per vectorised eval env seeded 0..eval_episodes-1
+    policy_lr: float = 3e-4  # the learning rate of the policy network optimizer
+    q_lr: float = 1e-3  # the learning rate of the Q network optimizer
+    max_grad_norm: float = 10.0  # gradient-norm clip of the actor, and of each critic member separately
+    temperature: float = 0.02  # Boltzmann temperature T of the target exp(Q/T) (docs/rfm.md §1)
+    diffusion_steps: int = 20  # DDPM steps T_d of the cosine schedule, i = 0 near the data (docs/rfm.md §11)
+    x0_clip: float = 5.0  # clamp of the sampler's x0 prediction in latent units, tanh(5) = 0.99991 (docs/rfm.md §11)
+    num_particles: int = 32  # policy particles per state for acting, TD targets and evaluation (docs/rfm.md §7.1)
+    num_posterior_samples: int = 100  # reverse proposals K per (state, x_i) (docs/rfm.md §11)
+    estimator: Literal["stein", "noise", "gradient"] = "stein"  # lambda: plug-in, 0, sigma^2/alpha^2 (docs/rfm.md §11)
+    cv_ridge: float = 1e-4  # ridge rho of the plug-in control-variate coefficient (docs/rfm.md §6)
+    cv_clip: float = 2.0  # clip c of the plug-in control-variate coefficient (docs/rfm.md §6)
 
 
 def make_env(env_id, seed, idx, capture_video, run_name):
