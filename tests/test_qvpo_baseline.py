@@ -354,28 +354,6 @@ def test_compiled_sampler_matches_eager():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_replay_buffer_rows_wrap_and_sample():
-    """One (size, fields) tensor written row by row: what was added comes back field by field, the ring wraps after
-    `size` rows, and sampling draws only filled rows."""
-    rb = qv.ReplayBuffer(5, 3, 2, torch.device("cpu"))
-    rng = np.random.default_rng(0)
-    added = []
-    for step in range(7):
-        o, o2, a = rng.normal(size=(1, 3)), rng.normal(size=(1, 3)), rng.uniform(-1, 1, (1, 2))
-        r, term = rng.normal(size=1), np.array([step % 2 == 0])
-        rb.add(o, o2, a, r, term)
-        added.append(np.concatenate([o[0], a[0], r, o2[0], term.astype(float)]))
-        if step == 1:
-            assert not rb.full and sorted(rb.sample(200)[2].unique().tolist()) == sorted(np.float32(x[5]) for x in added)
-    assert rb.full and rb.ptr == 2
-    expected = torch.as_tensor(np.stack(added[5:] + added[2:5]), dtype=torch.float32)  # rows 0, 1 overwritten
-    torch.testing.assert_close(rb.data, expected)
-    obs, act, rew, next_obs, done = rb.sample(64)
-    assert obs.shape == (64, 3) and act.shape == (64, 2) and rew.shape == (64, 1) and next_obs.shape == (64, 3)
-    rows = torch.cat([obs, act, rew, next_obs, done], 1)
-    assert all((expected == row).all(1).any() for row in rows)
-
-
 def make_agent(obs_dim=3, act_dim=2, T=3, seed=0):
     torch.manual_seed(seed)
     actor, qf = qv.Denoiser(obs_dim, act_dim, T), qv.TwinQ(obs_dim, act_dim)

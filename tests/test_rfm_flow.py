@@ -512,10 +512,11 @@ def test_eval_noise_is_a_function_of_each_state(script):
     assert torch.equal(gen_state, torch.get_rng_state())  # training draws are untouched by evaluation
 
 
-@pytest.mark.parametrize("script", ["rfm_flow", "rfm_diffusion"])
+@pytest.mark.parametrize("script", ["rfm_flow", "rfm_diffusion", "qvpo_baseline", "dipo_baseline"])
 def test_replay_buffer_rows_wrap_and_sample(script):
     """Row writes into one (size, fields) tensor: what was added comes back field by field, the ring wraps after
-    `size` rows, and sampling draws only filled rows."""
+    `size` rows, and sampling draws only filled rows. The buffer is the same in every script, so it is tested here
+    for all four."""
     rb = __import__(script).ReplayBuffer(5, 3, 2, torch.device("cpu"))
     rng = np.random.default_rng(0)
     added = []
