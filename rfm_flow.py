@@ -380,7 +380,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
     check_env(args.env_id)
-    run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    env_name = args.env_id.replace("/", "_").replace(":", "_")
+    run_name = f"{env_name}__{args.exp_name}-{args.estimator}__{args.seed}__{int(time.time())}"  # variants apart
     if args.track:
         import wandb
 
