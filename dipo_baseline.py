@@ -27,66 +27,37 @@ logging.getLogger("absl").addFilter(lambda record: "settotalmass" not in record.
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda will be used when available"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
-    wandb_project_name: str = "rfm"
-    """the wandb's project name"""
-    wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
-    capture_video: bool = False
-    """whether to capture videos of the agent performances (check out `videos` folder)"""
-    save_model: bool = False
-    """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
-    compile: bool = False
-    """if toggled, the DDPM sampler is compiled with torch.compile"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment
+    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
+    cuda: bool = True  # if toggled, cuda will be used when available
+    track: bool = False  # if toggled, this experiment will be tracked with Weights and Biases
+    wandb_project_name: str = "rfm"  # the wandb's project name
+    wandb_entity: str | None = None  # the entity (team) of wandb's project
+    capture_video: bool = False  # whether to capture videos of the agent performances (check out `videos` folder)
+    save_model: bool = False  # whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it
+    compile: bool = False  # if toggled, the DDPM sampler is compiled with torch.compile
 
     # Algorithm specific arguments
-    env_id: str = "dm_control/cheetah-run-v0"
-    """the id of the environment (gymnasium id, `dm_control/<domain>-<task>-v0`, or `module:Env-v0`)"""
-    total_timesteps: int = 1_000_000
-    """total timesteps of the experiments"""
-    buffer_size: int = 1_000_000
-    """the replay memory buffer size (and the diffusion memory size)"""
-    gamma: float = 0.99
-    """the discount factor gamma"""
-    tau: float = 0.005
-    """target smoothing coefficient"""
-    batch_size: int = 256
-    """the batch size of sample from the replay memory"""
-    learning_starts: int = 10_000
-    """timestep to start learning (uniform random actions before)"""
-    eval_every: int = 10_000
-    """evaluate the policy every this many env steps (and at the end)"""
-    eval_episodes: int = 10
-    """evaluation episodes, one per vectorised eval env seeded 0..eval_episodes-1"""
-    policy_lr: float = 3e-4
-    """the learning rate of the denoiser optimizer (Adam, eps 1e-5)"""
-    q_lr: float = 3e-4
-    """the learning rate of the Q network optimizer (Adam, eps 1e-5)"""
-    max_grad_norm: float | None = None
-    """global gradient-norm clip of both the actor and the critic; None: per-env table (Hopper 1, Ant 0.8), else 2"""
-    diffusion_steps: int = 100
-    """DDPM steps T of the cosine schedule (docs/baselines.md §2.1)"""
-    action_lr: float = 0.03
-    """learning rate of the fresh Adam that ascends min-Q over the memory actions (docs/baselines.md §2.2)"""
-    action_gradient_steps: int | None = None
-    """Adam steps of the action ascent per update; None: per-env table (HalfCheetah 40), else 20"""
-    action_grad_ratio: float | None = None
-    """batch-global action-gradient clip = ratio * act_dim; None: per-env table (Hopper 0.3, Walker2d 0.08), else 0.1"""
-    update_actor_target_every: int | None = None
-    """Polyak-update the actor target every this many updates; None: per-env table (HalfCheetah 2), else 1"""
-    timeout_as_terminal: bool = False
-    """treat time-limit truncation as terminal, as the official code does (docs/baselines.md §0); default bootstraps"""
-    write_back: bool = False
-    """write the improved actions back to the diffusion memory (DIPO paper); off as officially (docs/baselines.md §2.2)"""
+    env_id: str = "dm_control/cheetah-run-v0"  # gymnasium id, `dm_control/<domain>-<task>-v0`, or `module:Env-v0`
+    total_timesteps: int = 1_000_000  # total timesteps of the experiments
+    buffer_size: int = 1_000_000  # the replay memory buffer size (and the diffusion memory size)
+    gamma: float = 0.99  # the discount factor gamma
+    tau: float = 0.005  # target smoothing coefficient
+    batch_size: int = 256  # the batch size of sample from the replay memory
+    learning_starts: int = 10_000  # timestep to start learning (uniform random actions before)
+    eval_every: int = 10_000  # evaluate the policy every this many env steps (and at the end)
+    eval_episodes: int = 10  # evaluation episodes, one per vectorised eval env seeded 0..eval_episodes-1
+    policy_lr: float = 3e-4  # the learning rate of the denoiser optimizer (Adam)
+    q_lr: float = 3e-4  # the learning rate of the Q network optimizer (Adam)
+    max_grad_norm: float | None = None  # global clip, actor and critic; None: per-env table (Hopper 1, Ant 0.8), else 2
+    diffusion_steps: int = 100  # DDPM steps T of the cosine schedule (docs/baselines.md §2.1)
+    action_lr: float = 0.03  # lr of the fresh Adam ascending min-Q over memory actions (docs/baselines.md §2.2)
+    action_gradient_steps: int | None = None  # ascent steps per update; None: per-env table (HalfCheetah 40), else 20
+    action_grad_ratio: float | None = None  # action-grad clip / act_dim; None: table (Hopper .3, Walker2d .08), else .1
+    update_actor_target_every: int | None = None  # actor-target Polyak period; None: table (HalfCheetah 2), else 1
+    timeout_as_terminal: bool = False  # time-limit ends are terminal, as officially (docs/baselines.md §0)
+    write_back: bool = False  # improved actions back to the memory (paper); off officially (docs/baselines.md §2.2)
 
 
 GENERAL_DEFAULTS = dict(max_grad_norm=2.0, action_grad_ratio=0.1, action_gradient_steps=20, update_actor_target_every=1)
@@ -171,13 +142,14 @@ def init_linear(module):
 
 
 class TwinQ(nn.Module):
-    """Two Q-networks [s, a] -> 256 -> 256 -> 256 -> 1 (Mish); min over members everywhere (docs/baselines.md §0)."""
+    """Two Q-networks [s, a] -> 256 (x layers, Mish) -> 1; min over members everywhere (docs/baselines.md §0)."""
 
-    def __init__(self, obs_dim, act_dim, hidden=256, members=2):
+    def __init__(self, obs_dim, act_dim, hidden=256, layers=3, members=2):
         super().__init__()
+        widths = [obs_dim + act_dim] + [hidden] * layers
         self.members = nn.ModuleList(
-            nn.Sequential(nn.Linear(obs_dim + act_dim, hidden), nn.Mish(), nn.Linear(hidden, hidden), nn.Mish(),
-                          nn.Linear(hidden, hidden), nn.Mish(), nn.Linear(hidden, 1))  # fmt: skip
+            nn.Sequential(*[m for n_in, n_out in zip(widths, widths[1:]) for m in (nn.Linear(n_in, n_out), nn.Mish())],
+                          nn.Linear(hidden, 1))  # fmt: skip
             for _ in range(members)
         )
         init_linear(self)
@@ -216,16 +188,16 @@ def cosine_schedule(steps, s=0.008):
 
 
 class Denoiser(nn.Module):
-    """eps_theta(x_i, i, s): [x_i, t_emb(i), s] -> 256 -> 256 -> 256 -> D (Mish), t_emb(i) = sinusoid_32 of the integer
-    step -> Linear(32, 256) -> Mish -> Linear(256, 32); with its T-step cosine schedule (docs/baselines.md §0). The first
-    layer is W_x x + condition(s, i), the sampler computes the condition once per state and step, not per sample."""
+    """eps_theta(x_i, i, s): [x_i, t_emb(i), s] -> 256 (x layers, Mish) -> D, t_emb(i) = sinusoid_{t_dim} of the integer
+    step -> Linear(t_dim, 256) -> Mish -> Linear(256, t_dim); with its T-step cosine schedule (docs/baselines.md §0). The
+    first layer is W_x x + condition(s, i), the sampler computes the condition once per state and step, not per sample."""
 
-    def __init__(self, obs_dim, act_dim, diffusion_steps, hidden=256, t_dim=32):
+    def __init__(self, obs_dim, act_dim, diffusion_steps, hidden=256, t_dim=32, layers=3):
         super().__init__()
         self.obs_dim, self.act_dim, self.t_dim, self.steps = obs_dim, act_dim, t_dim, diffusion_steps
         self.time_mlp = nn.Sequential(nn.Linear(t_dim, hidden), nn.Mish(), nn.Linear(hidden, t_dim))
         self.inp = nn.Linear(act_dim + t_dim + obs_dim, hidden)
-        self.mid = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(2))
+        self.mid = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers - 1))
         self.out = nn.Linear(hidden, act_dim)
         init_linear(self)
         for name, value in cosine_schedule(diffusion_steps).items():

@@ -25,71 +25,43 @@ logging.getLogger("absl").addFilter(lambda record: "settotalmass" not in record.
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda will be used when available"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
-    wandb_project_name: str = "rfm"
-    """the wandb's project name"""
-    wandb_entity: str | None = None
-    """the entity (team) of wandb's project"""
-    capture_video: bool = False
-    """whether to capture videos of the agent performances (check out `videos` folder)"""
-    save_model: bool = False
-    """whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it"""
-    compile: bool = False
-    """if toggled, the DDPM sampler is compiled with torch.compile"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment
+    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
+    cuda: bool = True  # if toggled, cuda will be used when available
+    track: bool = False  # if toggled, this experiment will be tracked with Weights and Biases
+    wandb_project_name: str = "rfm"  # the wandb's project name
+    wandb_entity: str | None = None  # the entity (team) of wandb's project
+    capture_video: bool = False  # whether to capture videos of the agent performances (check out `videos` folder)
+    save_model: bool = False  # whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it
+    compile: bool = False  # if toggled, the DDPM sampler is compiled with torch.compile
 
     # Algorithm specific arguments
-    env_id: str = "dm_control/cheetah-run-v0"
-    """the id of the environment (gymnasium id, `dm_control/<domain>-<task>-v0`, or `module:Env-v0`)"""
-    total_timesteps: int = 1_000_000
-    """total timesteps of the experiments"""
-    buffer_size: int = 1_000_000
-    """the replay memory buffer size"""
-    gamma: float = 0.99
-    """the discount factor gamma"""
-    tau: float = 0.005
-    """target smoothing coefficient (critic and actor, every step)"""
-    batch_size: int = 256
-    """the batch size of sample from the replay memory (critic batch and the independent policy batch)"""
-    learning_starts: int = 10_000
-    """timestep to start learning (uniform random actions before)"""
-    eval_every: int = 10_000
-    """evaluate the policy every this many env steps (and at the end)"""
-    eval_episodes: int = 10
-    """evaluation episodes, one per vectorised eval env seeded 0..eval_episodes-1"""
-    policy_lr: float = 1e-4
-    """the learning rate of the diffusion policy optimizer (Adam, eps 1e-5)"""
-    q_lr: float = 3e-4
-    """the learning rate of the Q network optimizer (Adam, eps 1e-5)"""
-    max_grad_norm: float = 2.0
-    """global gradient-norm clip of both the actor and the critic"""
-    diffusion_steps: int = 20
-    """DDPM steps T of the cosine schedule (docs/baselines.md §1.1)"""
-    num_action_samples: int = 64
-    """actions N_d sampled per policy-batch state; the best one is kept (docs/baselines.md §1.2)"""
-    num_entropy_samples: int = 10
-    """uniform actions N_e per policy-batch state in the entropy term (docs/baselines.md §1.2)"""
-    behavior_samples: int = 4
-    """samples K_b per state for the behaviour action, argmax of the current min-Q (docs/baselines.md §1.3)"""
-    target_samples: int = 4
-    """samples K_t per next state from the target actor, argmax of the target min-Q (docs/baselines.md §1.2)"""
-    eval_samples: int = 32
-    """samples per state for the evaluation action, argmax of the current min-Q (docs/baselines.md §1.3)"""
-    entropy_alpha: float = 0.02
-    """initial weight of the uniform entropy rows, decayed linearly to --entropy-alpha-min (docs/baselines.md §1.2);
-    0 turns the entropy term off as officially: the uniform rows are dropped, not kept with weight 0 in the mean"""
-    entropy_alpha_min: float = 0.002
-    """floor of the entropy weight, capped at --entropy-alpha as officially (so --entropy-alpha 0 alone gives 0)"""
-    timeout_as_terminal: bool = False
-    """treat time-limit truncation as terminal, as the official code does (docs/baselines.md §0); default bootstraps"""
+    env_id: str = "dm_control/cheetah-run-v0"  # gymnasium id, `dm_control/<domain>-<task>-v0`, or `module:Env-v0`
+    total_timesteps: int = 1_000_000  # total timesteps of the experiments
+    buffer_size: int = 1_000_000  # the replay memory buffer size
+    gamma: float = 0.99  # the discount factor gamma
+    tau: float = 0.005  # target smoothing coefficient (critic and actor, every step)
+    batch_size: int = 256  # the batch size of sample from the replay memory (critic and policy batch)
+    learning_starts: int = 10_000  # timestep to start learning (uniform random actions before)
+    eval_every: int = 10_000  # evaluate the policy every this many env steps (and at the end)
+    eval_episodes: int = 10  # evaluation episodes, one per vectorised eval env seeded 0..eval_episodes-1
+    policy_lr: float = 1e-4  # the learning rate of the diffusion policy optimizer (Adam)
+    q_lr: float = 3e-4  # the learning rate of the Q network optimizer (Adam)
+    max_grad_norm: float = 2.0  # global gradient-norm clip of both the actor and the critic (inf: no clipping)
+    diffusion_steps: int = 20  # DDPM steps T of the cosine schedule (docs/baselines.md §1.1)
+    num_action_samples: int = 64  # actions N_d per policy state, the best is kept (docs/baselines.md §1.2)
+    num_entropy_samples: int = 10  # uniform actions N_e per policy state, entropy term (docs/baselines.md §1.2)
+    behavior_samples: int = 4  # K_b per state, behaviour action = argmax min-Q (docs/baselines.md §1.3)
+    target_samples: int = 4  # K_t per next state, target actor, argmax target min-Q (docs/baselines.md §1.2)
+    eval_samples: int = 32  # per state, evaluation action = argmax min-Q (docs/baselines.md §1.3)
+    entropy_alpha: float = 0.02  # initial entropy weight, decaying to the floor; 0 drops it (docs/baselines.md §1.2)
+    entropy_alpha_min: float = 0.002  # entropy weight floor, capped at --entropy-alpha (so 0 alone gives 0)
+    timeout_as_terminal: bool = False  # time-limit ends are terminal, as officially (docs/baselines.md §0)
+    hidden_layers: int = 3  # hidden layers (256 wide) of the actor and of each critic member
+    time_dim: int = 32  # size of the actor's step embedding
+    adam_eps: float = 1e-5  # Adam's epsilon, both optimizers
+    shared_batch: bool = False  # improve the policy on the critic batch's states instead of on an independent batch
 
 
 def make_env(env_id, seed, idx, capture_video, run_name):
@@ -144,13 +116,14 @@ def init_linear(module):
 
 
 class TwinQ(nn.Module):
-    """Two Q-networks [s, a] -> 256 -> 256 -> 256 -> 1 (Mish); min over members everywhere (docs/baselines.md §0)."""
+    """Two Q-networks [s, a] -> 256 (x layers, Mish) -> 1; min over members everywhere (docs/baselines.md §0)."""
 
-    def __init__(self, obs_dim, act_dim, hidden=256, members=2):
+    def __init__(self, obs_dim, act_dim, hidden=256, layers=3, members=2):
         super().__init__()
+        widths = [obs_dim + act_dim] + [hidden] * layers
         self.members = nn.ModuleList(
-            nn.Sequential(nn.Linear(obs_dim + act_dim, hidden), nn.Mish(), nn.Linear(hidden, hidden), nn.Mish(),
-                          nn.Linear(hidden, hidden), nn.Mish(), nn.Linear(hidden, 1))  # fmt: skip
+            nn.Sequential(*[m for n_in, n_out in zip(widths, widths[1:]) for m in (nn.Linear(n_in, n_out), nn.Mish())],
+                          nn.Linear(hidden, 1))  # fmt: skip
             for _ in range(members)
         )
         init_linear(self)
@@ -189,16 +162,16 @@ def cosine_schedule(steps, s=0.008):
 
 
 class Denoiser(nn.Module):
-    """eps_theta(x_i, i, s): [x_i, t_emb(i), s] -> 256 -> 256 -> 256 -> D (Mish), t_emb(i) = sinusoid_32 of the integer
-    step -> Linear(32, 256) -> Mish -> Linear(256, 32); with its T-step cosine schedule (docs/baselines.md §0). The first
-    layer is W_x x + condition(s, i), the sampler computes the condition once per state and step, not per sample."""
+    """eps_theta(x_i, i, s): [x_i, t_emb(i), s] -> 256 (x layers, Mish) -> D, t_emb(i) = sinusoid_{t_dim} of the integer
+    step -> Linear(t_dim, 256) -> Mish -> Linear(256, t_dim); with its T-step cosine schedule (docs/baselines.md §0). The
+    first layer is W_x x + condition(s, i), the sampler computes the condition once per state and step, not per sample."""
 
-    def __init__(self, obs_dim, act_dim, diffusion_steps, hidden=256, t_dim=32):
+    def __init__(self, obs_dim, act_dim, diffusion_steps, hidden=256, t_dim=32, layers=3):
         super().__init__()
         self.obs_dim, self.act_dim, self.t_dim, self.steps = obs_dim, act_dim, t_dim, diffusion_steps
         self.time_mlp = nn.Sequential(nn.Linear(t_dim, hidden), nn.Mish(), nn.Linear(hidden, t_dim))
         self.inp = nn.Linear(act_dim + t_dim + obs_dim, hidden)
-        self.mid = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(2))
+        self.mid = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers - 1))
         self.out = nn.Linear(hidden, act_dim)
         init_linear(self)
         for name, value in cosine_schedule(diffusion_steps).items():
@@ -361,6 +334,9 @@ def check_args(args):
         (args.policy_lr <= 0 or args.q_lr <= 0, "--policy-lr and --q-lr must be > 0"),
         (args.max_grad_norm <= 0, "--max-grad-norm must be > 0"),
         (args.diffusion_steps < 1, "--diffusion-steps must be >= 1"),
+        (args.hidden_layers < 1, "--hidden-layers must be >= 1"),
+        (args.time_dim < 4 or args.time_dim % 2, "--time-dim must be even and >= 4"),
+        (not args.adam_eps > 0, "--adam-eps must be > 0"),
         (min(args.num_action_samples, args.behavior_samples, args.target_samples, args.eval_samples) < 1,
          "--num-action-samples, --behavior-samples, --target-samples and --eval-samples must be >= 1"),
         (args.num_entropy_samples < 0, "--num-entropy-samples must be >= 0"),
@@ -422,12 +398,13 @@ if __name__ == "__main__":
     low, high = envs.single_action_space.low, envs.single_action_space.high
     action_scale, action_bias = (high - low) / 2, (high + low) / 2  # the policy acts in [-1, 1]
 
-    actor = Denoiser(obs_dim, act_dim, args.diffusion_steps).to(device)
+    actor = Denoiser(obs_dim, act_dim, args.diffusion_steps, t_dim=args.time_dim, layers=args.hidden_layers)
+    actor = actor.to(device)
     actor_target = copy.deepcopy(actor)
-    qf = TwinQ(obs_dim, act_dim).to(device)
+    qf = TwinQ(obs_dim, act_dim, layers=args.hidden_layers).to(device)
     qf_target = copy.deepcopy(qf)
-    actor_optimizer = optim.Adam(actor.parameters(), lr=args.policy_lr, eps=1e-5)
-    q_optimizer = optim.Adam(qf.parameters(), lr=args.q_lr, eps=1e-5)
+    actor_optimizer = optim.Adam(actor.parameters(), lr=args.policy_lr, eps=args.adam_eps)
+    q_optimizer = optim.Adam(qf.parameters(), lr=args.q_lr, eps=args.adam_eps)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     # the DDPM chains are most of an update and of every action; compiling fuses their elementwise work
     sample = torch.compile(ddpm_sample) if args.compile else ddpm_sample
@@ -474,7 +451,8 @@ if __name__ == "__main__":
         # ALGO LOGIC: training.
         if global_step >= args.learning_starts:
             alpha = entropy_coef(global_step, args.total_timesteps, args.entropy_alpha, args.entropy_alpha_min)
-            batch, policy_obs = rb.sample(args.batch_size), rb.sample(args.batch_size)[0]  # two independent batches
+            batch = rb.sample(args.batch_size)
+            policy_obs = batch[0] if args.shared_batch else rb.sample(args.batch_size)[0]  # two independent batches
             logs = update(batch, policy_obs, actor, actor_target, qf, qf_target, actor_optimizer, q_optimizer, alpha,
                           args, sample)  # fmt: skip
             finite = torch.isfinite(torch.stack([logs[k] for k in loss_names]))

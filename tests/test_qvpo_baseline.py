@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import qvpo_baseline as qv
-from tests.conftest import BANDIT, assert_one_line_error, read_scalars
+from tests.conftest import BANDIT, assert_one_line_error, read_scalars, run_script, single_run_dir
 
 
 class OneStepTimeout(gym.Env):
@@ -303,21 +303,29 @@ def test_sampler_batching_is_exact():
     torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)
 
 
-def test_twin_q_is_two_3x256_mish_mlps():
+@pytest.mark.parametrize("layers", [3, 2])  # 3: official QVPO; 2: the RFM paper's DMC runs (--hidden-layers 2)
+def test_twin_q_is_two_mish_mlps(layers):
     torch.manual_seed(4)
-    qf = qv.TwinQ(5, 2)
+    qf = qv.TwinQ(5, 2, layers=layers)
     obs, act = torch.randn(10, 5), torch.randn(10, 2)
     outs = []
     for net in qf.members:
         h = torch.cat([obs, act], -1)
         linears = [m for m in net if isinstance(m, torch.nn.Linear)]
-        assert [(m.in_features, m.out_features) for m in linears] == [(7, 256), (256, 256), (256, 256), (256, 1)]
+        assert [(m.in_features, m.out_features) for m in linears] == [(7, 256)] + [(256, 256)] * (layers - 1) + [(256, 1)]
         for layer in linears[:-1]:
             h = F.mish(layer(h))
         outs.append(linears[-1](h).squeeze(-1))
     with torch.no_grad():
         torch.testing.assert_close(qf(obs, act), torch.stack(outs), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(qf.min_q(obs, act), torch.minimum(*outs), rtol=1e-5, atol=1e-6)
+
+
+def test_denoiser_depth_and_time_embedding_flags():
+    actor = qv.Denoiser(5, 2, 3, t_dim=128, layers=2)
+    shapes = [(m.in_features, m.out_features) for m in actor.modules() if isinstance(m, torch.nn.Linear)]
+    assert shapes == [(128, 256), (256, 128), (2 + 128 + 5, 256), (256, 256), (256, 2)]
+    assert actor(torch.randn(4, 2), torch.tensor([0, 1, 2, 0]), torch.randn(4, 5)).shape == (4, 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -498,6 +506,27 @@ def test_end_to_end_env(run, env_id, obs_dim, act_dim, eval_every):
     assert ckpt["args"]["env_id"] == env_id
 
 
+DMC_PRESET = ["--max-grad-norm", "inf", "--hidden-layers", 2, "--time-dim", 128, "--adam-eps", 1e-8, "--policy-lr", 3e-4,
+              "--q-lr", 1e-3, "--entropy-alpha", 0.02, "--entropy-alpha-min", 0.02]  # README's DMC preset, less --shared-batch
+
+
+def test_dmc_preset_runs_and_shared_batch_takes_effect(tmp_path):
+    """Same seed and flags with and without --shared-batch: the first update's losses differ (other policy states, and
+    one replay draw fewer); were the flag ignored, the two runs would match exactly."""
+    losses = []
+    for shared in [False, True]:
+        cwd = tmp_path / str(shared)
+        cwd.mkdir()
+        proc = run_script("qvpo_baseline.py", ["--env-id", BANDIT, "--total-timesteps", 101, "--learning-starts", 100,
+                          "--batch-size", 16, "--diffusion-steps", 2, "--num-action-samples", 4, "--num-entropy-samples",
+                          2, "--eval-samples", 2, "--eval-every", 1000, "--eval-episodes", 1, *DMC_PRESET,
+                          *(["--shared-batch"] if shared else [])], cwd)  # fmt: skip
+        scalars = check_ok(proc, single_run_dir(cwd))
+        losses.append([scalars[k] for k in ["losses/qf_loss", "losses/actor_loss"]])
+        assert all(math.isfinite(v) and s == 100 for pts in losses[-1] for s, v in pts), losses[-1]
+    assert losses[0] != losses[1]
+
+
 @pytest.mark.parametrize("timeout_as_terminal", [False, True])
 def test_timeout_switch(run, timeout_as_terminal):
     """Every step is a time-limit truncation with reward 1: Q -> 1 / (1 - gamma) = 2 when bootstrapping (default),
@@ -522,6 +551,9 @@ BAD_HYPERPARAMETERS = {  # flag: invalid value; all in one run, each must be nam
     "--eval-samples": 0,
     "--entropy-alpha": -0.1,
     "--entropy-alpha-min": -0.1,
+    "--hidden-layers": 0,
+    "--time-dim": 7,
+    "--adam-eps": 0,
 }
 BAD_INPUTS = {
     "unknown env": ["--env-id", "NoSuchEnv-v0"],
