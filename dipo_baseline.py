@@ -6,8 +6,10 @@ import math
 import os
 import random
 import re
+import signal
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -37,6 +39,10 @@ class Args:
     capture_video: bool = False  # whether to capture videos of the agent performances (check out `videos` folder)
     save_model: bool = False  # whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it
     compile: bool = False  # if toggled, the DDPM sampler is compiled with torch.compile
+    checkpoint_every: int = 0  # steps between runs/{run_name}/checkpoint.pt writes (0: --eval-every); also at the end
+    resume: str | None = None  # continue the run of this checkpoint.pt (or run dir holding it), given the same flags
+    eval_only: bool = False  # no training: evaluate the --load-model weights once, logged in a new run dir
+    load_model: str | None = None  # checkpoint.pt or --save-model file to evaluate with --eval-only
 
     # Algorithm specific arguments
     env_id: str = "dm_control/cheetah-run-v0"  # gymnasium id, `dm_control/<domain>-<task>-v0`, or `module:Env-v0`
@@ -118,6 +124,12 @@ class ReplayBuffer:
         """Uniform with replacement: (obs, actions, rewards, next_obs, dones)."""
         idx = torch.randint(0, self.size if self.full else self.ptr, (batch_size,), device=self.data.device)
         return self.data[idx].split(self.fields, dim=1)
+
+    def state_dict(self):  # the filled rows, copied (a saved view would save the whole buffer)
+        return {"rows": self.data[: self.size if self.full else self.ptr].clone(), "ptr": self.ptr, "full": self.full}
+
+    def load_state_dict(self, state):
+        self.data[: len(state["rows"])], self.ptr, self.full = state["rows"], state["ptr"], state["full"]
 
 
 class DiffusionMemory(ReplayBuffer):
@@ -337,6 +349,9 @@ def check_args(args):
         (args.learning_starts < 0, "--learning-starts must be >= 0"),
         (args.eval_every < 1, "--eval-every must be >= 1"),
         (args.eval_episodes < 1, "--eval-episodes must be >= 1"),
+        (args.checkpoint_every < 0, "--checkpoint-every must be >= 0"),
+        (args.eval_only != (args.load_model is not None) or args.eval_only and args.resume is not None,
+         "--eval-only goes with --load-model PATH (and without --resume)"),
         (not 0.0 <= args.gamma <= 1.0, "--gamma must be in [0, 1]"),
         (not 0.0 < args.tau <= 1.0, "--tau must be in (0, 1]"),
         (args.policy_lr <= 0 or args.q_lr <= 0, "--policy-lr and --q-lr must be > 0"),
@@ -366,19 +381,96 @@ def check_env(env_id):
         raise SystemExit(f"error: {env_id} observations are {obs_space}; a flat Box (or a Dict of them) is required")
 
 
+# flags that may change on --resume and --eval-only, as they leave the algorithm as it was; all others must match
+RESUMABLE = {"total_timesteps", "eval_every", "eval_episodes", "checkpoint_every", "resume", "eval_only", "load_model",
+             "save_model", "capture_video", "track", "wandb_project_name", "wandb_entity", "cuda", "compile",
+             "torch_deterministic"}  # fmt: skip
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM or SIGUSR1 after writing the checkpoint; rerun with --resume
+# what weights_only loading must accept beyond tensors and plain data: the uint32 arrays of numpy's MT19937 states
+NUMPY_ARRAYS = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def rng_state(rng):
+    """The state of a numpy Generator, or of a RandomState (shimmy's dm_control envs have one) or of np.random."""
+    return rng.bit_generator.state if isinstance(rng, np.random.Generator) else rng.get_state(legacy=False)
+
+
+def set_rng_state(rng, state):
+    if isinstance(rng, np.random.Generator):
+        rng.bit_generator.state = state
+    else:
+        rng.set_state(state)
+
+
+def save_checkpoint(path, stateful, envs, **state):
+    """Atomically (a crash mid-write keeps the last file): the state dicts, every random stream, the loop's state."""
+    rng = {"python": random.getstate(), "numpy": rng_state(np.random), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+           "action_space": rng_state(envs.single_action_space.np_random)}  # fmt: skip
+    states = {k: v.state_dict() for k, v in stateful.items()}
+    torch.save({"script": os.path.basename(__file__), **states, "rng": rng, **state}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def load_checkpoint(path, args):
+    """The checkpoint at path (or path/checkpoint.pt) or a --save-model file; one `error:` line, before anything is
+    written, if it is unreadable, another script's, or made with other flags than args (those in RESUMABLE aside)."""
+    path, script = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path, os.path.basename(__file__)
+    try:
+        with zipfile.ZipFile(path) as archive:  # torch.load would read damaged data without noticing
+            if (damaged := archive.testzip()) is not None:
+                raise ValueError(f"{damaged} fails its CRC check")
+        with torch.serialization.safe_globals(NUMPY_ARRAYS):  # weights_only: never code
+            ckpt = torch.load(path, map_location="cpu")
+        changed = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} -> {v}" for k, v in vars(args).items()
+                   if k not in RESUMABLE and ckpt["args"].get(k) != v]  # fmt: skip
+    except Exception as e:  # missing, truncated, not a checkpoint
+        raise SystemExit(f"error: cannot load {path}: {type(e).__name__}: {str(e).partition(chr(10))[0]}")
+    if ckpt.get("script", script) != script:
+        raise SystemExit(f"error: {path} is a checkpoint of {ckpt['script']}, not of {script}")
+    if changed:
+        raise SystemExit(f"error: {path} was made with other flags: {', '.join(changed)} (only --total-timesteps and "
+                         "the evaluation, checkpoint, logging and device flags may change)")  # fmt: skip
+    if args.resume and not ckpt.get("global_step", math.inf) <= args.total_timesteps:  # a --save-model file has none
+        raise SystemExit(f"error: --resume needs a checkpoint.pt from at most --total-timesteps {args.total_timesteps}")
+    return {**ckpt, "path": path}
+
+
+def restore_checkpoint(ckpt, stateful, envs, device):
+    """Load what save_checkpoint saved, replay the reset that began the training episode in progress (exact if the saved
+    step ended an episode, as on bandits, and the env resets from its np_random, as gymnasium's MuJoCo envs do but not
+    dm_control's; else that episode restarts). Returns the observation, the next step and the last training return."""
+    for k, v in stateful.items():
+        v.load_state_dict(ckpt[k])
+    rng = ckpt["rng"]
+    random.setstate(rng["python"])
+    set_rng_state(np.random, rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    set_rng_state(envs.single_action_space.np_random, rng["action_space"])
+    for env, state in zip(envs.envs, ckpt["env_rng"]):
+        set_rng_state(env.np_random, state)
+    return envs.reset()[0], ckpt["global_step"], ckpt["last_return"]
+
+
 if __name__ == "__main__":
     args = resolve_args(tyro.cli(Args))
     check_args(args)
+    ckpt = load_checkpoint(path, args) if (path := args.resume or args.load_model) else None
     check_env(args.env_id)
     run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = ckpt["run_name"] if args.resume else f"eval__{run_name}" if args.eval_only else run_name
+    run_dir = os.path.dirname(ckpt["path"]) if args.resume else f"runs/{run_name}"
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True)  # fmt: skip
-    writer = SummaryWriter(f"runs/{run_name}")
+                   name=run_name, save_code=True, id=run_name, resume="allow")  # fmt: skip
+    writer = SummaryWriter(run_dir, purge_step=ckpt["global_step"] + 1 if args.resume else None)  # hides later steps
     hyperparameters = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
+    if not args.resume:  # logged once per run dir
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -391,10 +483,10 @@ if __name__ == "__main__":
 
     # env setup: one training env; evaluation envs seeded 0..eval_episodes-1
     same_step = gym.vector.AutoresetMode.SAME_STEP
-    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, args.seed, 0, args.capture_video, run_name)],
-                                    autoreset_mode=same_step)
+    video = [args.capture_video and not args.eval_only, args.capture_video and args.eval_only]  # training, eval env 0
+    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, args.seed, 0, video[0], run_name)], autoreset_mode=same_step)
     eval_envs = gym.vector.SyncVectorEnv(
-        [make_env(args.env_id, i, i, False, run_name) for i in range(args.eval_episodes)], autoreset_mode=same_step
+        [make_env(args.env_id, i, i, video[1], run_name) for i in range(args.eval_episodes)], autoreset_mode=same_step
     )
     obs_dim = int(np.prod(envs.single_observation_space.shape))
     act_dim = int(np.prod(envs.single_action_space.shape))
@@ -409,18 +501,34 @@ if __name__ == "__main__":
     q_optimizer = optim.Adam(qf.parameters(), lr=args.q_lr, eps=1e-5)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     memory = DiffusionMemory(args.buffer_size, obs_dim, act_dim, device)
+    stateful = dict(actor=actor, actor_target=actor_target, qf=qf, qf_target=qf_target, actor_optimizer=actor_optimizer,
+                    q_optimizer=q_optimizer, rb=rb, memory=memory)  # all a checkpoint restores
     # the DDPM chains are most of an update and of every action; compiling fuses their elementwise work
     sample = torch.compile(ddpm_sample) if args.compile else ddpm_sample
     policy_eval = lambda o: act(actor, o, sample, noise=False)  # noqa: E731  (obs -> evaluation action)
 
+    if args.eval_only:  # no training: the loaded weights, evaluated once at the step they were saved at
+        actor.load_state_dict(ckpt["actor"])
+        qf.load_state_dict(ckpt["qf"])
+        step = ckpt.get("global_step", ckpt["args"]["total_timesteps"])  # a --save-model file: its run's end
+        eval_return = evaluate(policy_eval, eval_envs, action_scale, action_bias, device)
+        writer.add_scalar("eval/episodic_return", eval_return, step)
+        print(f"eval step={step} return={eval_return:.2f}")
+        eval_envs.close()
+        writer.close()
+        raise SystemExit(0)
+
+    preempted = []  # signals received: finish the step, write the checkpoint, exit PREEMPTED_EXIT
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: preempted.append(signum))
     start_time = time.time()
-    last_return = float("nan")
     loss_names = ["losses/qf1_loss", "losses/qf2_loss", "losses/actor_loss"]
     first_bad_step = torch.full((len(loss_names),), -1, device=device)  # read at the logging cadence: no sync per step
 
     # TRY NOT TO MODIFY: start the game
     obs, _ = envs.reset(seed=args.seed)
-    for global_step in range(args.total_timesteps):
+    obs, start_step, last_return = restore_checkpoint(ckpt, stateful, envs, device) if ckpt else (obs, 0, math.nan)
+    for global_step in range(start_step, args.total_timesteps):
         # ALGO LOGIC: put action logic here
         if global_step < args.learning_starts:
             actions = np.array([envs.single_action_space.sample() for _ in range(envs.num_envs)])
@@ -432,6 +540,7 @@ if __name__ == "__main__":
             actions = (norm_actions * action_scale + action_bias).astype(envs.single_action_space.dtype)
 
         # TRY NOT TO MODIFY: execute the game and log data.
+        env_rng = [rng_state(env.np_random) for env in envs.envs]  # before an autoreset: --resume replays it
         next_obs, rewards, terminations, truncations, infos = envs.step(actions)
         if "final_info" in infos:
             fi = infos["final_info"]
@@ -459,7 +568,8 @@ if __name__ == "__main__":
             finite = torch.isfinite(torch.stack([logs[k] for k in loss_names]))
             first_bad_step = torch.where(finite | (first_bad_step >= 0), first_bad_step, global_step)
         last_step = global_step + 1 == args.total_timesteps
-        if global_step % 100 == 0 or last_step:  # a NaN loss stops the run, naming the first step it appeared at
+        save = last_step or preempted or (global_step + 1) % (args.checkpoint_every or args.eval_every) == 0
+        if global_step % 100 == 0 or save:  # a NaN loss stops the run (unsaved), naming the first step it appeared at
             bad = [(s, k) for s, k in zip(first_bad_step.tolist(), loss_names) if s >= 0]
             if bad:
                 raise SystemExit(f"error: non-finite {', '.join(k for _, k in bad)} at step {min(bad)[0]}")
@@ -467,17 +577,25 @@ if __name__ == "__main__":
             if global_step >= args.learning_starts:
                 for k, v in logs.items():
                     writer.add_scalar(k, v.item(), global_step)
-            sps = int(global_step / (time.time() - start_time))
-            print(f"step={global_step} SPS={sps} last_return={last_return:.1f}")
+            sps = int((global_step - start_step) / (time.time() - start_time))  # since this process started
+            eta = "{}h{:02d}m".format(*divmod((args.total_timesteps - global_step) // sps // 60, 60)) if sps else "?"
+            print(f"step={global_step}/{args.total_timesteps} SPS={sps} ETA={eta} last_return={last_return:.1f}")
             writer.add_scalar("charts/SPS", sps, global_step)
 
         if (global_step + 1) % args.eval_every == 0 or last_step:
             eval_return = evaluate(policy_eval, eval_envs, action_scale, action_bias, device)
             writer.add_scalar("eval/episodic_return", eval_return, global_step + 1)
             print(f"eval step={global_step + 1} return={eval_return:.2f}")
+        if save:
+            save_checkpoint(f"{run_dir}/checkpoint.pt", stateful, envs, args=vars(args), run_name=run_name,
+                            global_step=global_step + 1, env_rng=env_rng, last_return=last_return)  # fmt: skip
+            if preempted:  # tested only after a checkpoint: a signal may come at any line
+                print(f"preempted at step {global_step + 1}: checkpoint in {run_dir}, continue with --resume {run_dir}")
+                writer.close()
+                raise SystemExit(PREEMPTED_EXIT)
 
     if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.pt"
+        model_path = f"{run_dir}/{args.exp_name}.pt"
         torch.save({"actor": actor.state_dict(), "qf": qf.state_dict(), "args": vars(args)}, model_path)
         print(f"model saved to {model_path}")
         saved = torch.load(model_path, map_location=device)
