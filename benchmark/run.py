@@ -147,8 +147,7 @@ def previous_run(records, want, avoid=None):
 
 
 def with_resume(cmd, run_dir):
-    """Continue from the checkpoint in run_dir. Takes effect once the scripts support --resume (until then no run
-    writes checkpoint.pt, so this is never used)."""
+    """Continue from the checkpoint the scripts leave in run_dir."""
     return [*cmd, "--resume", str(run_dir)]
 
 
@@ -279,7 +278,7 @@ class View:
 
 def run_local(runs, todo, status, workers):
     """Run `todo` on a pool of `workers` threads, each waiting on one subprocess. Ctrl-C sends SIGTERM to the running
-    scripts (which, once they support it, checkpoint and exit 75) and drops the queued ones."""
+    scripts (which checkpoint and exit 75) and drops the queued ones."""
     procs, stopping, view = {}, [], View(runs, status)
 
     def work(run):
@@ -298,7 +297,8 @@ def run_local(runs, todo, status, workers):
                 time.sleep(2 if view.tty else 0.2)
         except KeyboardInterrupt:
             stopping.append(True)
-            print("interrupted: stopping the running scripts (rerun the same command to continue)", flush=True)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would abandon runs writing their checkpoint
+            print("interrupted: the running scripts checkpoint and stop (rerun the same command to continue)", flush=True)
             for proc in procs.values():
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
