@@ -1,57 +1,75 @@
-"""benchmark/run.py: a sweep of a tiny fake script (logs, failures, skipping finished runs, dry run, submitit), a dry
-run of the real rfm_flow.py, and the functions that match earlier runs."""
+"""benchmark/run.py: sweeps of a fake script (tests/run_fakes.py) with the real scripts' interface: runs identified
+by their whole configuration, errors in one line before anything runs, live runs left alone, the run index, Slurm
+options, and the requeue path with a live child (fast) and with a real time limit through submitit (slow)."""
 
+import dataclasses
+import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from benchmark import run as launcher
 from tests.conftest import ROOT, read_scalars
+from tests.run_fakes import FAKE
 
-# Stands in for a real script: same run-dir name, hyperparameter table and final eval point, in a fraction of the time.
-FAKE = r'''
-import argparse, os, sys, time
-from torch.utils.tensorboard import SummaryWriter
-
-p = argparse.ArgumentParser()
-p.add_argument("--env-id", required=True)
-p.add_argument("--seed", type=int, default=1)
-p.add_argument("--exp-name", default=os.path.basename(__file__)[: -len(".py")])
-p.add_argument("--total-timesteps", type=int, default=100)
-p.add_argument("--lr", type=float, default=0.001)
-p.add_argument("--capture-video", action=argparse.BooleanOptionalAction, default=False)
-p.add_argument("--fail", action="store_true")
-args = p.parse_args()
-print(f"threads={os.environ.get('OMP_NUM_THREADS')}", flush=True)
-run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{time.time_ns()}"
-writer = SummaryWriter(f"runs/{run_name}")
-writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-for step in range(0, args.total_timesteps, 50):
-    print(f"step={step} SPS=100 last_return={step / 10:.1f}", flush=True)
-if args.fail:
-    print("error: asked to fail")
-    writer.close()
-    sys.exit(3)
-writer.add_scalar("eval/episodic_return", 10.0 * args.seed, args.total_timesteps)
-print(f"eval step={args.total_timesteps} return={10.0 * args.seed:.2f}")
-writer.close()
-'''
 ENV = "toy/Env-v0"
 
 
-def launch(tmp_path, *args, timeout=180):
-    """benchmark/run.py with the fake script, cwd tmp_path; returns the CompletedProcess (stdout + stderr)."""
-    script = tmp_path / "fake_algo.py"
+def fake_script(tmp_path, name="fake_algo"):
+    script = tmp_path / f"{name}.py"
     if not script.exists():
         script.write_text(FAKE)
+    return script
+
+
+def launch(tmp_path, *args, timeout=180, script=None):
+    """benchmark/run.py with the fake script, cwd tmp_path; returns the CompletedProcess (stdout + stderr)."""
+    script = script or fake_script(tmp_path)
     cmd = [sys.executable, str(ROOT / "benchmark" / "run.py"), "--scripts", str(script), "--env-ids", ENV, *args]
-    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def dry_run(tmp_path, capsys, *scripts, **kw):
+    """launcher.main in this process with --dry-run; returns (exit status, the printed lines)."""
+    scripts = scripts or (str(fake_script(tmp_path)),)
+    args = launcher.Args(scripts=list(scripts), env_ids=[ENV], seeds=[1], runs_dir=str(tmp_path / "runs"), dry_run=True,
+                         **kw)  # fmt: skip
+    rc = launcher.main(args)
+    return rc, capsys.readouterr().out.splitlines()
+
+
+def make_run(tmp_path, flags="", eval_steps=(100,), checkpoint=True, name="fake_algo", seed=1, **overrides):
+    """A run folder as the fake script leaves it: config.json (the flags resolved by its own parser) and eval points."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    module = launcher.load_script(fake_script(tmp_path, name))
+    args = launcher.parse_script_flags(module, shlex.split(flags), "test")
+    config = launcher.resolve(module, f"{name}.py", args, ENV, seed, "test", {})
+    run_dir = tmp_path / "runs" / f"toy_Env-v0__{name}__{seed}__{time.time_ns()}"
+    writer = SummaryWriter(str(run_dir))
+    for step in eval_steps:
+        writer.add_scalar("eval/episodic_return", 1.0, step)
+    writer.close()
+    body = dict(script=f"{name}.py", args={**config, **overrides}, resumable=sorted(module.RESUMABLE), commit=None)
+    (run_dir / "config.json").write_text(json.dumps(body))
+    if checkpoint:
+        (run_dir / "checkpoint.pt").write_text(json.dumps({"step": max(eval_steps, default=0)}))
+    return run_dir
 
 
 def run_dirs(tmp_path):
     return sorted(d for d in (tmp_path / "runs").iterdir() if d.name.startswith("toy_Env-v0__"))
+
+
+# ---------------------------------------------------------------- whole sweeps
 
 
 def test_sweep_runs_logs_and_skips_finished_runs(tmp_path):
@@ -60,32 +78,31 @@ def test_sweep_runs_logs_and_skips_finished_runs(tmp_path):
     assert "2 runs: 2 done" in proc.stdout
     dirs = run_dirs(tmp_path)
     assert [d.name.split("__")[:3] for d in dirs] == [["toy_Env-v0", "fake_algo", str(seed)] for seed in (1, 2)]
-    assert all(read_scalars(d)["eval/episodic_return"][0][0] == 100 for d in dirs)
+    assert all(read_scalars(d)["eval/episodic_return"][-1][0] == 100 for d in dirs)
     for seed in (1, 2):
         log = (tmp_path / "runs" / "logs" / f"fake_algo__toy_Env-v0__{seed}.log").read_text()
         assert "threads=3" in log and "step=50 SPS=100" in log and f"eval step=100 return={10 * seed}.00" in log
+    assert not list((tmp_path / "runs" / ".live").iterdir())  # finished runs leave no lock
 
     # the same command again: both runs are found finished, nothing is launched
     proc = launch(tmp_path, "--seeds", "1", "2", "--extra= --total-timesteps 100", "--workers", "2")
     assert proc.returncode == 0 and "2 runs: 2 skipped" in proc.stdout, proc.stdout + proc.stderr
     assert f"skipped (done: runs/{dirs[0].name})" in proc.stdout
     assert run_dirs(tmp_path) == dirs
-    # a different value of a flag (given as 1e-2, stored as 0.01) is a different run; the same value (1e-3) is not
-    proc = launch(tmp_path, "--seeds", "1", "--variants", " --lr 1e-2", " --lr 1e-3", "--extra= --total-timesteps 100")
+    # --lr 1e-2 is another configuration; --lr 1e-3 is the default spelled out, the same one as the runs above
+    proc = launch(tmp_path, "--seeds", "1", "--variants", " --lr 1e-2", " --lr 1e-3")
     assert proc.returncode == 0 and "2 runs: 1 done, 1 skipped" in proc.stdout, proc.stdout + proc.stderr
     assert len(run_dirs(tmp_path)) == 3
 
 
-def test_failing_run_is_reported_with_its_log(tmp_path):
+def test_failing_run_is_reported_with_its_last_error_line_and_log(tmp_path):
     proc = launch(tmp_path, "--seeds", "1", "--variants", "", " --fail", "--workers", "2")
     assert proc.returncode != 0
     assert "2 runs: 1 done, 1 failed" in proc.stdout, proc.stdout + proc.stderr
     log = tmp_path / "runs" / "logs" / "fake_algo-fail__toy_Env-v0__1.log"
-    assert f"FAILED rc=3: fake_algo-fail__toy_Env-v0__1  log: {log}" in proc.stdout
-    assert "error: asked to fail" in log.read_text()
-    # the failed run left a checkpoint (as the scripts will once they support --resume): the rerun resumes from it
-    (failed,) = [d for d in run_dirs(tmp_path) if "eval/episodic_return" not in read_scalars(d)]
-    (failed / "checkpoint.pt").touch()
+    assert f"FAILED rc=3: fake_algo-fail__toy_Env-v0__1  log: {log}\n    error: asked to fail" in proc.stdout
+    # the failed run left a checkpoint: the rerun resumes it, the finished one is skipped
+    (failed,) = [d for d in run_dirs(tmp_path) if json.loads((d / "config.json").read_text())["args"]["fail"]]
     proc = launch(tmp_path, "--seeds", "1", "--variants", "", " --fail", "--dry-run")
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("# skipped (done: runs/") and lines[1].endswith(f"--fail --resume {failed}"), proc.stdout
@@ -103,7 +120,8 @@ def test_dry_run_prints_commands_and_launches_nothing(tmp_path):
 def test_dry_run_of_the_real_script(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmark" / "run.py"), "--env-ids", "tests.toy_envs:ContextBandit-v0",
            "--variants", " --estimator noise", "--extra= --total-timesteps 1000", "--dry-run"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)  # rfm_flow.py: found in ROOT
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # check_env imports tests.toy_envs
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     lines = [shlex.split(line) for line in proc.stdout.splitlines()]
     flags = ["--estimator", "noise", "--total-timesteps", "1000"]
@@ -113,35 +131,99 @@ def test_dry_run_of_the_real_script(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("executor", ["local", "debug"])
-def test_submitit_executor_runs_both(tmp_path, executor):
-    proc = launch(tmp_path, "--seeds", "1", "2", "--slurm", "--slurm-executor", executor,
-                  "--slurm-log-dir", str(tmp_path / "runs" / "slurm"))  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "2 runs: 2 done" in proc.stdout, proc.stdout
-    assert sum(line.startswith("job ") for line in proc.stdout.splitlines()) == 2  # job ids, printed at submission
-    dirs = run_dirs(tmp_path)
-    assert len(dirs) == 2 and all(read_scalars(d)["eval/episodic_return"][0][0] == 100 for d in dirs)
-    assert "eval step=100 return=20.00" in (tmp_path / "runs" / "logs" / "fake_algo__toy_Env-v0__2.log").read_text()
+# ---------------------------------------------------------------- 1. a run is its whole configuration
 
 
-def test_requeue_resubmits_with_resume(tmp_path):
-    """What submitit resubmits when a job is stopped: the same run, now with --resume pointing at its checkpoint."""
+def test_a_flag_left_at_its_default_is_part_of_the_identity(tmp_path, capsys):
+    """The issue's case: a default request must not take a run made with a non-default flag, whichever way the flag
+    was given (variant, --extra, or quoted with the script), and vice versa."""
+    other = make_run(tmp_path, "--lr 0.01")
+    rc, lines = dry_run(tmp_path, capsys)
+    assert rc == 0 and not lines[-1].startswith("#") and "--resume" not in lines[-1], lines
+    rc, lines = dry_run(tmp_path, capsys, f"{fake_script(tmp_path)} --lr 1e-2")
+    assert lines[-1].startswith(f"# skipped (done: {os.path.relpath(other)})"), lines
+    default = make_run(tmp_path, "")
+    rc, lines = dry_run(tmp_path, capsys, extra=" --lr 0.001")  # the default, spelled out
+    assert lines[-1].startswith(f"# skipped (done: {os.path.relpath(default)})"), lines
+    # a field the request never names still counts: a run whose config differs in it is another run
+    (default / "config.json").write_text((default / "config.json").read_text().replace('"lr": 0.001', '"lr": 0.5'))
+    rc, lines = dry_run(tmp_path, capsys)
+    assert not lines[-1].startswith("#"), lines
+
+
+def test_another_script_or_an_eval_only_run_never_matches(tmp_path, capsys):
+    make_run(tmp_path, "", name="other_algo")  # the same fields, another script
+    make_run(tmp_path, "", eval_only="runs/x/checkpoint.pt")  # evaluating a checkpoint is not training
+    rc, lines = dry_run(tmp_path, capsys)
+    assert not lines[-1].startswith("#") and "--resume" not in lines[-1], lines
+
+
+def test_resumable_fields_may_differ_and_a_longer_run_extends_a_finished_one(tmp_path, capsys):
+    unfinished = make_run(tmp_path, "--eval-every 20", eval_steps=(20, 40))  # eval_every: in RESUMABLE
+    rc, lines = dry_run(tmp_path, capsys)
+    assert lines[-1].endswith(f"--resume {unfinished}"), lines
+    finished = make_run(tmp_path, "", eval_steps=(50, 100))
+    rc, lines = dry_run(tmp_path, capsys)
+    assert lines[-1].startswith(f"# skipped (done: {os.path.relpath(finished)})"), lines
+    rc, lines = dry_run(tmp_path, capsys, extra=" --total-timesteps 200")  # more steps: continue the finished run
+    assert lines[-1].endswith(f"--total-timesteps 200 --resume {finished}"), lines
+
+
+def test_index_reads_each_event_file_once(tmp_path, monkeypatch, capsys):
+    run_dir = make_run(tmp_path, "", eval_steps=(50,))
+    (tmp_path / "runs" / "old_run").mkdir()  # made before config.json existed: not matched, counted in a note
+    (tmp_path / "runs" / "old_run" / "events.out.tfevents.1.x").write_bytes(b"")
+    (record,) = launcher.index_runs(tmp_path / "runs")
+    assert record["eval_steps"] == {50} and "1 run folders" in capsys.readouterr().out
+    monkeypatch.setattr(launcher, "read_eval_steps", lambda d: pytest.fail("read again although unchanged"))
+    assert launcher.index_runs(tmp_path / "runs")[0]["eval_steps"] == {50}
     from torch.utils.tensorboard import SummaryWriter
 
-    run_dir = tmp_path / "runs" / "toy_Env-v0__fake_algo__1__1700000000"
-    writer = SummaryWriter(str(run_dir))
-    table = "|exp_name|fake_algo|\n|env_id|toy/Env-v0|\n|seed|1|\n|total_timesteps|100|"
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-    writer.add_scalar("eval/episodic_return", 1.0, 50)
+    writer = SummaryWriter(str(run_dir))  # the run went on: a changed event file is read again
+    writer.add_scalar("eval/episodic_return", 2.0, 100)
     writer.close()
-    (run_dir / "checkpoint.pt").touch()
-    want = {"exp_name": "fake_algo", "env_id": ENV, "seed": 1}
-    run = launcher.Run("x", ["python", "fake_algo.py"], str(tmp_path), str(tmp_path / "x.log"), str(tmp_path / "runs"),
-                       want, {})  # fmt: skip
-    delayed = launcher.RunJob().checkpoint(run)
-    assert isinstance(delayed.function, launcher.RunJob)
-    assert delayed.args[0].cmd == ["python", "fake_algo.py", "--resume", str(run_dir)]
+    monkeypatch.undo()
+    assert launcher.index_runs(tmp_path / "runs")[0]["eval_steps"] == {50, 100}
+
+
+# ---------------------------------------------------------------- 5. errors in one line before anything runs
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--env-ids", "dm/Nope"], "error: unknown env id 'dm/Nope' (fake_algo.py)"),
+    (["--extra= --total-timestep 5"], "error: fake_algo.py --total-timestep 5: Unrecognized options: --total-timestep, 5 "
+                                      "(perhaps you meant --total-timesteps)"),
+    (["--extra= --lr x"], "error: fake_algo.py --lr x: Error parsing --lr: "),
+    (["--extra= --total-timesteps 0"], "error: --total-timesteps must be >= 1 (fake_algo.py --total-timesteps 0)"),
+    (["--extra= --seed 4"], "error: fake_algo.py --seed 4: --seed is set by the launcher"),
+    (["--scripts", "README.md"], "error: --scripts "),
+    (["--scripts", "benchmark/plot.py"], "error: --scripts "),
+])  # fmt: skip
+def test_bad_requests_fail_in_one_line_before_anything_runs(tmp_path, args, message):
+    proc = launch(tmp_path, "--seeds", "1", *args)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(message), proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_flag_one_script_lacks_is_refused_for_that_script(tmp_path):
+    script = fake_script(tmp_path)
+    other = tmp_path / "other_algo.py"
+    other.write_text(FAKE.replace("    fail: bool = False\n", ""))  # a script without --fail
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "run.py"), "--scripts", str(script), str(other),
+                           "--env-ids", ENV, "--extra= --fail", "--dry-run"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0 and proc.stderr.startswith("error: other_algo.py --fail: Unrecognized options"), proc.stderr
+    assert proc.stdout == ""
+
+
+def test_slurm_not_installed_is_one_line(tmp_path):
+    env_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "sbatch").exists())
+    cmd = [sys.executable, str(ROOT / "benchmark" / "run.py"), "--scripts", str(fake_script(tmp_path)),
+           "--env-ids", ENV, "--slurm"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=dict(os.environ, PATH=env_path))
+    assert proc.returncode != 0 and proc.stderr.strip() == "error: --slurm: sbatch not found (Slurm is not installed " \
+        "here); run without --slurm", proc.stderr  # fmt: skip
 
 
 def test_bad_runs_dir_is_one_error_line(tmp_path):
@@ -149,74 +231,138 @@ def test_bad_runs_dir_is_one_error_line(tmp_path):
     assert proc.returncode != 0 and proc.stderr.strip().startswith("error: --runs-dir must be a folder named runs")
 
 
-# ---------------------------------------------------------------- matching functions
+# ---------------------------------------------------------------- 3. a live run is never started twice
 
 
-def test_parse_flags():
-    tokens = shlex.split("--lr 3e-4 --capture-video --no-cuda --exp-name=x --hidden 64 64 --offset -1")
-    assert launcher.parse_flags(tokens) == {"lr": "3e-4", "capture_video": True, "cuda": False, "exp_name": "x",
-                                            "hidden": "64 64", "offset": "-1"}  # fmt: skip
-    assert launcher.parse_flags([]) == {}
-    assert launcher.parse_flags(["--no-capture-video"]) == {"capture_video": False}
-    with pytest.raises(ValueError):
-        launcher.parse_flags(["0.1", "--lr"])
+def test_a_paused_run_is_shown_running_and_not_offered_again(tmp_path):
+    fake_script(tmp_path)
+    first = subprocess.Popen([sys.executable, str(ROOT / "benchmark" / "run.py"), "--scripts", "fake_algo.py",
+                              "--env-ids", ENV, "--seeds", "1", "--extra= --total-timesteps 400 --step-time 0.05"],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while not list((tmp_path / "runs").glob("toy*/config.json")) and time.time() < deadline:
+            time.sleep(0.1)  # the run has started
+        (lock,) = (tmp_path / "runs" / ".live").glob("*.json")
+        pid = json.loads(lock.read_text())["pid"]
+        run_dir = next((tmp_path / "runs").glob("toy*"))
+        (run_dir / "checkpoint.pt").write_text('{"step": 0}')  # as a periodic checkpoint would: resumable
+        os.kill(pid, signal.SIGSTOP)
+        proc = launch(tmp_path, "--seeds", "1", "--extra= --total-timesteps 400 --step-time 0.05", "--dry-run")
+        assert proc.returncode == 0 and proc.stdout.startswith(f"# running (pid {pid}):"), proc.stdout + proc.stderr
+        os.kill(pid, signal.SIGKILL)  # the run dies: its folder is offered for --resume again
+        first.wait(60)
+        proc = launch(tmp_path, "--seeds", "1", "--extra= --total-timesteps 400 --step-time 0.05", "--dry-run")
+        assert proc.stdout.strip().endswith(f"--resume {run_dir}"), proc.stdout + proc.stderr
+    finally:
+        first.kill()
 
 
-def test_same_value():
-    assert launcher.same_value("0.001", "1e-3") and launcher.same_value("10000", "10_000")
-    assert launcher.same_value("3", 3.0) and not launcher.same_value("0.01", "0.001")
-    assert launcher.same_value("True", True) and launcher.same_value("False", False)
-    assert not launcher.same_value("True", False) and not launcher.same_value("1", True)
-    assert launcher.same_value("[64, 64]", "64 64") and not launcher.same_value("[64, 64]", "64")
-    assert launcher.same_value("stein", "stein") and not launcher.same_value("stein", "noise")
+def test_a_queued_slurm_job_is_not_submitted_again(tmp_path, monkeypatch, capsys):
+    fake_script(tmp_path)
+    (run,) = launcher.plan(launcher.Args(scripts=[str(tmp_path / "fake_algo.py")], env_ids=[ENV], seeds=[1],
+                                         runs_dir=str(tmp_path / "runs")))  # fmt: skip
+    launcher.write_lock(run, slurm_job="4242_0")  # what a submission leaves: no run folder yet
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text('#!/bin/sh\n[ "$3" = 4242_0 ] && echo PENDING\nexit 0\n')
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    rc, lines = dry_run(tmp_path, capsys)
+    assert lines[-1].startswith("# running (Slurm job 4242_0 pending):"), lines
+    launcher.write_lock(run, slurm_job="4243_0")  # gone from the queue: no longer live
+    rc, lines = dry_run(tmp_path, capsys)
+    assert not lines[-1].startswith("#"), lines
 
 
-def test_matches_and_previous_run():
-    rows = ["exp_name|rfm_flow", "seed|1", "env_id|a/b-v0", "estimator|stein", "total_timesteps|1000"]
-    table = "|param|value|\n|-|-|\n" + "\n".join(f"|{row}|" for row in rows)
-    hparams = launcher.parse_hparams(table)
-    assert hparams == {"exp_name": "rfm_flow", "seed": "1", "env_id": "a/b-v0", "estimator": "stein",
-                       "total_timesteps": "1000"}  # fmt: skip
-    want = {"exp_name": "rfm_flow", "env_id": "a/b-v0", "seed": 1}
-    assert launcher.matches(hparams, want) and launcher.matches(hparams, {**want, "estimator": "stein"})
-    assert not launcher.matches(hparams, {**want, "seed": 2}) and not launcher.matches(hparams, {**want, "lr": "1"})
-    # a variant that leaves --estimator at its default must not take a sibling variant's `--estimator stein` run
-    assert not launcher.matches(hparams, want, avoid={"estimator": ["stein"]})
-    assert launcher.matches(hparams, want, avoid={"estimator": ["noise"]})
-
-    assert launcher.is_finished(hparams, {500, 1000}) and not launcher.is_finished(hparams, {500})
-    unfinished = ("runs/old", hparams, {500}, True)
-    finished = ("runs/done", hparams, {500, 1000}, False)
-    other = ("runs/other", {**hparams, "seed": "2"}, {1000}, True)
-    assert launcher.previous_run([finished, unfinished, other], want) == ("done", "runs/done")
-    assert launcher.previous_run([unfinished, other], want) == ("resume", "runs/old")
-    assert launcher.previous_run([(*unfinished[:3], False), other], want) is None
-    assert launcher.with_resume(["python", "x.py"], "runs/old") == ["python", "x.py", "--resume", "runs/old"]
+# ---------------------------------------------------------------- 2, 6. submitit and Slurm
 
 
-def test_plan_sets_what_each_run_must_match(tmp_path):
-    args = launcher.Args(env_ids=["a/b-v0"], seeds=[1], variants=["", " --estimator noise"],
-                         extra=" --total-timesteps 100", runs_dir=str(tmp_path / "runs"))  # fmt: skip
-    default, noise = launcher.plan(args)
-    assert (default.label, noise.label) == ("rfm_flow__a_b-v0__1", "rfm_flow-estimator_noise__a_b-v0__1")
-    assert default.cmd[1:] == [str(ROOT / "rfm_flow.py"), "--env-id", "a/b-v0", "--seed", "1", "--total-timesteps", "100"]
-    assert noise.want == {"exp_name": "rfm_flow", "env_id": "a/b-v0", "seed": 1, "estimator": "noise",
-                          "total_timesteps": "100"}  # fmt: skip
-    # the default variant must not take the noise variant's runs, and no run takes an --eval-only run
-    assert default.avoid == {"eval_only": [True], "estimator": ["noise"]} and noise.avoid == {"eval_only": [True]}
-    assert default.cwd == str(tmp_path) and default.log == str(tmp_path / "runs" / "logs" / f"{default.label}.log")
+def test_submitit_local_executor_keeps_to_workers_and_threads(tmp_path):
+    proc = launch(tmp_path, "--seeds", "1", "2", "--slurm", "--slurm-executor", "local", "--workers", "1",
+                  "--slurm-cpus", "3", "--extra= --step-time 0.01")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 runs: 2 done" in proc.stdout, proc.stdout
+    assert sum(line.startswith("job ") for line in proc.stdout.splitlines()) == 2
+    assert list((tmp_path / "runs" / "slurm").iterdir())  # submitit's files under the runs folder
+    spans = []
+    for seed in (1, 2):
+        log = (tmp_path / "runs" / "logs" / f"fake_algo__toy_Env-v0__{seed}.log").read_text()
+        assert "threads=3" in log  # --threads defaults to the CPUs per task
+        spans.append((float(log.split(" t=")[1].split()[0]), float(log.split("finished t=")[1].split()[0])))
+    spans.sort()
+    assert spans[0][1] <= spans[1][0]  # --workers 1: one after the other
 
 
-def test_plan_with_flags_of_one_script(tmp_path):
-    """`--scripts "qvpo_baseline.py --shared-batch" rfm_flow.py "rfm_flow.py --estimator noise"`: each entry's flags go
-    to its own runs only, and the plain rfm_flow.py entry does not take the noise entry's runs."""
-    args = launcher.Args(scripts=["qvpo_baseline.py --shared-batch --q-lr 1e-3", "rfm_flow.py",
-                                  "rfm_flow.py --estimator noise"], env_ids=["a/b-v0"], seeds=[1],
-                         runs_dir=str(tmp_path / "runs"))  # fmt: skip
-    qvpo, flow, noise = launcher.plan(args)
-    assert qvpo.cmd[2:] == ["--env-id", "a/b-v0", "--seed", "1", "--shared-batch", "--q-lr", "1e-3"]
-    assert flow.cmd[2:] == ["--env-id", "a/b-v0", "--seed", "1"] and noise.cmd[6:] == ["--estimator", "noise"]
-    assert qvpo.want == {"exp_name": "qvpo_baseline", "env_id": "a/b-v0", "seed": 1, "shared_batch": True,
-                         "q_lr": "1e-3"}  # fmt: skip
-    assert flow.avoid == {"eval_only": [True], "estimator": ["noise"]} and "shared_batch" not in flow.avoid
-    assert len({qvpo.label, flow.label, noise.label}) == 3
+def test_slurm_parameters_reach_submitit(tmp_path, monkeypatch):
+    seen = {}
+
+    class Executor:
+        def __init__(self, folder, cluster):
+            seen.update(folder=folder, cluster=cluster)
+
+        def update_parameters(self, **params):
+            seen.update(params)
+
+        def map_array(self, fn, runs):
+            return [type("Job", (), {"job_id": f"77_{i}"}) for i in range(len(runs))]
+
+    monkeypatch.setattr(launcher.submitit, "AutoExecutor", Executor)
+    monkeypatch.setattr(launcher.shutil, "which", lambda name: "/usr/bin/" + name if name == "sbatch" else None)
+    fake_script(tmp_path)
+    args = launcher.Args(scripts=[str(tmp_path / "fake_algo.py")], env_ids=[ENV], seeds=[1, 2], slurm=True,
+                         runs_dir=str(tmp_path / "runs"), slurm_account="acc", slurm_qos="high", slurm_mem_gb=16,
+                         slurm_constraint="a100", slurm_setup=["module load cuda"], slurm_sbatch=["mail-type=FAIL"],
+                         workers=5)  # fmt: skip
+    assert launcher.main(args) == 0
+    assert seen["folder"] == str(tmp_path / "runs" / "slurm") and seen["name"] == "fake_algo"
+    assert (seen["slurm_account"], seen["slurm_qos"], seen["mem_gb"], seen["slurm_constraint"]) == ("acc", "high", 16, "a100")
+    assert seen["slurm_setup"] == ["module load cuda"] and seen["slurm_additional_parameters"] == {"mail-type": "FAIL"}
+    assert seen["slurm_array_parallelism"] == 5
+    # the submitted jobs hold their configurations: submitting again skips them (no squeue here: by heartbeat time)
+    assert len(list((tmp_path / "runs" / ".live").glob("*.json"))) == 2
+    assert launcher.main(dataclasses.replace(args, dry_run=True)) == 0
+
+
+def test_requeue_signal_with_a_live_child_resubmits_at_once(tmp_path):
+    """submitit calls checkpoint() from the signal handler while execute() waits on the child: it must neither wait
+    out its timeout nor scan the event files. A live child and a real SIGUSR1 to this process."""
+    fake_script(tmp_path)
+    (run,) = launcher.plan(launcher.Args(scripts=[str(tmp_path / "fake_algo.py")], env_ids=[ENV], seeds=[1],
+                                         extra=" --total-timesteps 100000 --step-time 0.01",
+                                         runs_dir=str(tmp_path / "runs")))  # fmt: skip
+    job, resubmitted = launcher.RunJob(), []
+    handler = signal.signal(signal.SIGUSR1, lambda *_: resubmitted.append((job.checkpoint(run), time.time())))
+    try:
+        def signal_when_started():
+            while not list((tmp_path / "runs").glob("toy*/config.json")):
+                time.sleep(0.05)
+            time.sleep(1.0)  # tyro and the tensorboard import: past the fake's signal handler set-up
+            resubmitted.append(time.time())
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+        threading.Thread(target=signal_when_started, daemon=True).start()
+        rc = job(run)
+    finally:
+        signal.signal(signal.SIGUSR1, handler)
+    sent, (delayed, handled) = resubmitted
+    assert rc == launcher.PREEMPTED and handled - sent < 10  # was 60 s: wait(timeout=60) inside the handler
+    (run_dir,) = run_dirs(tmp_path)
+    assert isinstance(delayed.function, launcher.RunJob) and delayed.args[0].cmd == [*run.cmd, "--resume", str(run_dir)]
+    assert "preempted at step" in Path(run.log).read_text()
+
+
+@pytest.mark.slow
+def test_time_limit_requeues_resumes_and_finishes(tmp_path):
+    """A real 1-minute time limit through submitit's local executor: its warning signal (30 s before the limit)
+    reaches the job, the script checkpoints and exits 75, the job is requeued with --resume and finishes."""
+    start = time.time()
+    proc = launch(tmp_path, "--seeds", "1", "--slurm", "--slurm-executor", "local", "--slurm-time-min", "1",
+                  "--extra= --total-timesteps 400 --step-time 0.1", timeout=300)  # fmt: skip
+    wall = time.time() - start
+    assert proc.returncode == 0 and "1 runs: 1 done" in proc.stdout, proc.stdout + proc.stderr
+    log = (tmp_path / "runs" / "logs" / "fake_algo__toy_Env-v0__1.log").read_text()
+    (run_dir,) = run_dirs(tmp_path)
+    assert "preempted at step" in log and f"--resume {run_dir}" in log and "finished" in log, log
+    assert read_scalars(run_dir)["eval/episodic_return"][-1][0] == 400
+    print(f"requeue test wall time: {wall:.0f} s")
