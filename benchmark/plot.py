@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,8 @@ def load_runs(runs_dir, tag):
         group.curves[seed], group.dirs[seed] = curve, d.name
         if config:
             commit = (config.get("commit") or "unknown")[:7]
-            group.commits.add(commit + (" (dirty)" if config.get("dirty") else ""))
+            group.commits.add(commit + (" (dirty)" if config.get("dirty") else "")
+                              + (" (config.json backfilled)" if config.get("backfilled") else ""))
     if unconfigured:
         print(f"note: {len(unconfigured)} runs have no config.json; grouped by their folder names only")
     groups = list(found.values())
@@ -244,7 +246,8 @@ def main(args):
     finals = defaultdict(dict)  # env -> label -> (steps, values), for the DMC aggregate
     ncols = min(4, len(envs))
     nrows = -(-len(envs) // ncols)
-    panel_fig, panels = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows + 0.8), squeeze=False)
+    height = 3.2 * nrows + 1.2  # inches; the bottom 1.0 for the shared legend and the note
+    panel_fig, panels = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, height), squeeze=False)
     with open(out / "runs.csv", "w", newline="") as f_runs, open(out / "final_scores.csv", "w", newline="") as f_final:
         runs_csv, final_csv = csv.writer(f_runs), csv.writer(f_final)
         runs_csv.writerow(["env_id", "algorithm", "seed", "step", "value", "run_dir"])
@@ -283,9 +286,10 @@ def main(args):
     for a in panels.flat[len(envs):]:
         a.axis("off")
     handles = {label: plt.Line2D([], [], color=colors[label], lw=1.8) for label in labels}
-    panel_fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(labels)), fontsize=8)
-    panel_fig.text(0.01, 0.005, band_note, fontsize=6, color="0.35")
-    panel_fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 4), 1, 1))
+    panel_fig.legend(handles.values(), handles.keys(), loc="lower center", bbox_to_anchor=(0.5, 0.3 / height),
+                     ncol=min(4, len(labels)), fontsize=8)  # fmt: skip
+    panel_fig.text(0.01, 0.05 / height, textwrap.fill(band_note, 100 * ncols), fontsize=6, color="0.35")
+    panel_fig.tight_layout(rect=(0, 1.0 / height, 1, 1))
     panel_fig.savefig(out / "all_envs.png", dpi=120)
     plt.close(panel_fig)
     md += dmc_aggregate(finals, colors, args, out)
@@ -342,7 +346,7 @@ def dmc_aggregate(finals, colors, args, out):
         for i, (label, iqm, lo, hi) in enumerate(points):
             ax.errorbar(iqm, i, xerr=[[iqm - lo], [hi - iqm]], fmt="o", capsize=4, color=colors[label])
         ax.set(yticks=range(len(points)), yticklabels=[p[0] for p in points], xlabel="IQM of return / 1000 (95% CI)",
-               title=f"DeepMind Control, {len(dmc)} tasks")  # fmt: skip
+               title=f"DeepMind Control, {len(dmc)} task{'s' * (len(dmc) > 1)}")  # fmt: skip
         fig.tight_layout()
         fig.savefig(out / "dmc_iqm.png", dpi=120)
         plt.close(fig)
@@ -352,7 +356,7 @@ def dmc_aggregate(finals, colors, args, out):
             ax.plot(steps, est[:, 0], color=colors[label], lw=1.8, label=label)
             ax.fill_between(steps, est[:, 1], est[:, 2], color=colors[label], alpha=0.15, lw=0)
         ax.set(xlabel="environment steps", ylabel="IQM of return / 1000 (95% CI)",
-               title=f"DeepMind Control, {len(dmc)} tasks: sample efficiency")  # fmt: skip
+               title=f"DeepMind Control, {len(dmc)} task{'s' * (len(dmc) > 1)}: IQM over steps")  # fmt: skip
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "dmc_iqm_curve.png", dpi=120)
