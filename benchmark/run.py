@@ -24,6 +24,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -135,15 +136,16 @@ def parse_script_flags(module, tokens, what):
         raise SystemExit(f"error: {what}: {message}")
 
 
-def resolve(module, script_name, args, env_id, seed, what, checked_envs):
+def resolve(module, args, env_id, seed, what, checked_envs):
     """The parsed flags with this env id and seed, checked as the script checks them, as config.json holds them."""
     args = replace(args, env_id=env_id, seed=seed)
+    args = getattr(module, "resolve_args", lambda a: a)(args)  # per-env defaults filled in (dipo_baseline.py)
     try:
         module.check_args(args)
-        if env_id not in checked_envs.setdefault(script_name, set()):
+        if env_id not in checked_envs:  # once per env id: making an env takes a while, and the scripts share check_env
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 module.check_env(env_id)
-            checked_envs[script_name].add(env_id)
+            checked_envs.add(env_id)
     except SystemExit as e:
         raise SystemExit(f"{e.code} ({what})" if str(e.code).startswith("error:") else f"error: {what}: {e.code}")
     return json.loads(json.dumps(vars(args), default=str))  # tuples as lists, None as null
@@ -153,14 +155,23 @@ def resolve(module, script_name, args, env_id, seed, what, checked_envs):
 
 
 def read_eval_steps(run_dir):
-    """The steps of every EVAL_TAG point in the run's event files (read directly: no TensorBoard accumulator)."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    """The steps of every EVAL_TAG point in the run's event files. The files are TFRecords (an 8-byte length, its
+    4-byte CRC, the data, its 4-byte CRC); only the records that contain the tag are parsed, as the losses logged every
+    100 steps are most of a file. The CRCs are not checked: a record cut short by a writer stops the reading."""
+    from tensorboard.compat.proto.event_pb2 import Event
 
-    steps = set()
+    steps, tag = set(), EVAL_TAG.encode()
     for f in sorted(run_dir.glob("events.out.tfevents*")):
-        for event in EventFileLoader(str(f)).Load():
-            if any(v.tag == EVAL_TAG for v in event.summary.value):
-                steps.add(event.step)
+        data, pos = f.read_bytes(), 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack_from("<Q", data, pos)
+            record, pos = data[pos + 12 : pos + 12 + length], pos + 16 + length
+            if pos > len(data):
+                break
+            if tag in record:
+                event = Event.FromString(record)
+                if any(v.tag == EVAL_TAG for v in event.summary.value):
+                    steps.add(event.step)
     return sorted(steps)
 
 
@@ -256,8 +267,10 @@ def live(run):
         except PermissionError:
             pass
         return f"pid {info['pid']}"
-    if time.time() - info.get("time", 0) < STALE_S:
-        return f"pid {info.get('pid')} on {info.get('host')}" + (f", Slurm job {info['slurm_job']}" if info.get("slurm_job") else "")
+    age = time.time() - info.get("time", 0)
+    if age < STALE_S:  # on another host (or no squeue here): trusted while its heartbeat is recent
+        who = f"Slurm job {info['slurm_job']}" if info.get("slurm_job") else f"pid {info.get('pid')} on {info.get('host')}"
+        return f"{who}, lock {age:.0f} s old"
     return None
 
 
@@ -282,7 +295,7 @@ def plan(args):
     except ValueError as e:
         raise SystemExit(f"error: --scripts/--variants/--extra: {e}")
     threads = args.threads or (args.slurm_cpus if args.slurm else 1)
-    runs, modules, checked_envs = [], {}, {}
+    runs, modules, checked_envs = [], {}, set()
     for entry, (script, *script_args) in zip(args.scripts, entries):
         path = Path(script) if Path(script).is_file() else ROOT / script
         if not path.is_file():
@@ -303,7 +316,7 @@ def plan(args):
             for env_id in args.env_ids:
                 env_slug = env_id.replace("/", "_").replace(":", "_")
                 for seed in args.seeds:
-                    config = resolve(module, path.name, parsed, env_id, seed, what, checked_envs)
+                    config = resolve(module, parsed, env_id, seed, what, checked_envs)
                     label = f"{path.stem}{'-' + tag if tag else ''}__{env_slug}__{seed}"
                     cmd = [args.python, str(path), "--env-id", env_id, "--seed", str(seed), *tokens]
                     runs.append(Run(label, cmd, str(runs_dir.parent), str(runs_dir / "logs" / f"{label}.log"),

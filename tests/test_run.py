@@ -2,6 +2,7 @@
 by their whole configuration, errors in one line before anything runs, live runs left alone, the run index, Slurm
 options, and the requeue path with a live child (fast) and with a real time limit through submitit (slow)."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -52,7 +53,7 @@ def make_run(tmp_path, flags="", eval_steps=(100,), checkpoint=True, name="fake_
 
     module = launcher.load_script(fake_script(tmp_path, name))
     args = launcher.parse_script_flags(module, shlex.split(flags), "test")
-    config = launcher.resolve(module, f"{name}.py", args, ENV, seed, "test", {})
+    config = launcher.resolve(module, args, ENV, seed, "test", set())
     run_dir = tmp_path / "runs" / f"toy_Env-v0__{name}__{seed}__{time.time_ns()}"
     writer = SummaryWriter(str(run_dir))
     for step in eval_steps:
@@ -239,6 +240,7 @@ def test_a_paused_run_is_shown_running_and_not_offered_again(tmp_path):
     first = subprocess.Popen([sys.executable, str(ROOT / "benchmark" / "run.py"), "--scripts", "fake_algo.py",
                               "--env-ids", ENV, "--seeds", "1", "--extra= --total-timesteps 400 --step-time 0.05"],
                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    pid = None
     try:
         deadline = time.time() + 60
         while not list((tmp_path / "runs").glob("toy*/config.json")) and time.time() < deadline:
@@ -256,6 +258,9 @@ def test_a_paused_run_is_shown_running_and_not_offered_again(tmp_path):
         assert proc.stdout.strip().endswith(f"--resume {run_dir}"), proc.stdout + proc.stderr
     finally:
         first.kill()
+        if pid:  # its own session: not stopped with the launcher
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_queued_slurm_job_is_not_submitted_again(tmp_path, monkeypatch, capsys):
@@ -294,7 +299,7 @@ def test_submitit_local_executor_keeps_to_workers_and_threads(tmp_path):
     assert spans[0][1] <= spans[1][0]  # --workers 1: one after the other
 
 
-def test_slurm_parameters_reach_submitit(tmp_path, monkeypatch):
+def test_slurm_parameters_reach_submitit(tmp_path, monkeypatch, capsys):
     seen = {}
 
     class Executor:
@@ -322,6 +327,8 @@ def test_slurm_parameters_reach_submitit(tmp_path, monkeypatch):
     # the submitted jobs hold their configurations: submitting again skips them (no squeue here: by heartbeat time)
     assert len(list((tmp_path / "runs" / ".live").glob("*.json"))) == 2
     assert launcher.main(dataclasses.replace(args, dry_run=True)) == 0
+    lines = capsys.readouterr().out.splitlines()[-2:]
+    assert all(line.startswith("# running (Slurm job 77_") for line in lines), lines
 
 
 def test_requeue_signal_with_a_live_child_resubmits_at_once(tmp_path):
