@@ -13,7 +13,6 @@ benchmark/README.md.
 """
 
 import contextlib
-import dataclasses
 import hashlib
 import importlib.util
 import io
