@@ -373,3 +373,21 @@ def test_time_limit_requeues_resumes_and_finishes(tmp_path):
     assert "preempted at step" in log and f"--resume {run_dir}" in log and "finished" in log, log
     assert read_scalars(run_dir)["eval/episodic_return"][-1][0] == 400
     print(f"requeue test wall time: {wall:.0f} s")
+
+
+def test_the_committed_runs_are_told_apart_from_the_default_configuration(tmp_path, capsys):
+    """The issue's case with the real script: the committed runs (reduced configuration, config.json backfilled) are
+    done for the command that made them, and not for a request that leaves those flags at their defaults."""
+    import shutil
+
+    shutil.copytree(ROOT / "results" / "runs", tmp_path / "runs", ignore=shutil.ignore_patterns(".*"))
+    reduced = (" --total-timesteps 10000 --learning-starts 1000 --eval-every 1000 --eval-episodes 5 --batch-size 64"
+               " --num-particles 8 --num-posterior-samples 32")  # fmt: skip
+    common = dict(env_ids=["dm_control/cartpole-swingup-v0"], runs_dir=str(tmp_path / "runs"), dry_run=True)
+    scripts = ["rfm_flow.py", "rfm_flow.py --estimator noise", "rfm_flow.py --estimator gradient"]
+    assert launcher.main(launcher.Args(scripts=scripts, extra=reduced, **common)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 9 and all(line.startswith("# skipped (done: ") for line in lines), lines
+    assert launcher.main(launcher.Args(extra=" --total-timesteps 10000", **common)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and not any(line.startswith("#") or "--resume" in line for line in lines), lines
