@@ -350,8 +350,7 @@ def test_rfm_posterior_target(rfm_official, rfm_pair, estimator):
     if estimator == "stein":
         lam = np.asarray(stats[0])
         assert np.abs(lam).max() > 0.05  # lambda is not trivially 0 here
-        # a ratio of two weighted sums of centred products: a difference of ~1e-7 in the weights moves it by more
-        assert report("stein: plug-in lambda (mean over dims)", info["cv_weight"].mean(1), lam) < 1e-3
+        assert report("stein: plug-in lambda (mean over dims)", info["cv_weight"].mean(1), lam) < 1e-4
 
 
 def test_rfm_eval_action(rfm_official, rfm_pair):
