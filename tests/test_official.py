@@ -1,13 +1,15 @@
 """Equivalence with the authors' code: the official networks' weights are copied into this repository's modules, both
 sides get the same random draws, and the outputs are compared.
 
-Marked `official`; each test is skipped, with the reason, unless its checkout is named and its packages import:
+The equivalence tests are marked `official`; each is skipped, with the reason, unless its checkout is named and its
+packages import:
     RFM_OFFICIAL=/path/to/ReverseFlowMatching   (azizanlab/ReverseFlowMatching 7e6410a; JAX 0.6.2, Flax 0.10.7, Optax 0.2.6)
     QVPO_OFFICIAL=/path/to/qvpo                 (wadx2019/qvpo 40a1974; PyTorch)
     DIPO_OFFICIAL=/path/to/DIPO                 (BellmanTimeHut/DIPO c6d8d1b; PyTorch)
     python -m pytest -m official -v -s          (-s prints the measured differences)
 Set-up and measured figures: benchmark/official/README.md. Nothing of the official code is copied here: its modules are
-imported from the user's checkout.
+imported from the user's checkout. The last tests (unmarked, no checkout needed) check that
+benchmark/official/run_official.py converts an official log into a run folder that benchmark/plot.py reads.
 
 All comparisons run in float32 on CPU. `rel` below is max|ours - official| / max|official|; the tolerance is 1e-4
 unless a comment says why the computation is more sensitive.
@@ -26,10 +28,12 @@ import pytest
 import torch
 
 import dipo_baseline as dp
+from benchmark import plot
 import qvpo_baseline as qv
 import rfm_flow as rf
+from tests.conftest import run_script
 
-pytestmark = pytest.mark.official
+official = pytest.mark.official  # every test below that needs an official checkout
 
 OBS_DIM, ACT_DIM, BATCH = 6, 3, 64
 
@@ -283,6 +287,7 @@ def rfm_pair(rfm_official):
                            obs=draws(0).standard_normal((BATCH, OBS_DIM)).astype(np.float32))  # fmt: skip
 
 
+@official
 def test_rfm_networks(rfm_official, rfm_pair):
     """Actor velocity v(t, y, s, T) and both critic members and their min on the same inputs."""
     import jax
@@ -327,6 +332,7 @@ def official_posterior(o, estimator, key, t, y_t, obs):
     return y0_post, y1_post, stats, y0
 
 
+@official
 @pytest.mark.parametrize("estimator", ["stein", "noise"])
 def test_rfm_posterior_target(rfm_official, rfm_pair, estimator):
     """The posterior mean E[y1 | y_t] and the regression target (y1_hat - y_t) / (1 - t) from the same proposals; for
@@ -353,6 +359,7 @@ def test_rfm_posterior_target(rfm_official, rfm_pair, estimator):
         assert report("stein: plug-in lambda (mean over dims)", info["cv_weight"].mean(1), lam) < 1e-4
 
 
+@official
 def test_rfm_eval_action(rfm_official, rfm_pair):
     """The evaluation action (argmax-Q particle after the Euler ODE) from the same initial noise."""
     import jax
@@ -370,6 +377,7 @@ def test_rfm_eval_action(rfm_official, rfm_pair):
     assert report("evaluation action", ours, theirs) < 1e-4
 
 
+@official
 def test_rfm_boltzmann_resampling(rfm_official, rfm_pair):
     """Behaviour/TD resampling: one particle per state ~ softmax_n(Q_n / T). The official draw (jax categorical) and ours
     (Gumbel-max) use different random streams, so they are compared statistically: for each state the rank of the
@@ -449,6 +457,7 @@ def assert_steps_match(ours, theirs, before, step):
     assert worst <= 1.0
 
 
+@official
 def test_rfm_critic_update(rfm_official, rfm_update_pair):
     """Critic steps: TD target with the target critic at tanh(next y), each member's own MSE and its own grad-norm
     clip (the official update is vmapped over members), Adam; the target critic's soft update after each."""
@@ -477,6 +486,7 @@ def test_rfm_critic_update(rfm_official, rfm_update_pair):
     assert report("target critic", ours_t, theirs_t) < 1e-5
 
 
+@official
 def test_rfm_actor_update(rfm_official, rfm_update_pair):
     """Actor steps on the same (t, y_t, target): MSE of the velocity, global grad-norm clip (it binds here), Adam. The
     targets are those our update computed (the estimator is compared in test_rfm_posterior_target). Adam divides by
@@ -517,6 +527,7 @@ def official_diffusion(mod, steps, noise_ratio=1.0):
     return mod.Diffusion(OBS_DIM, ACT_DIM, noise_ratio=noise_ratio, beta_schedule="cosine", n_timesteps=steps)
 
 
+@official
 @pytest.mark.parametrize("which,steps", [("qvpo", 20), ("dipo", 100)])
 def test_diffusion_schedule(request, which, steps):
     """The cosine schedule's coefficients (ours in float64 then cast; the official casts the betas to float32 first)."""
@@ -532,6 +543,7 @@ def test_diffusion_schedule(request, which, steps):
         assert rel < 1e-4, name
 
 
+@official
 @pytest.mark.parametrize("which,steps", [("qvpo", 20), ("dipo", 100)])
 def test_diffusion_denoiser_and_chain(request, which, steps):
     """The denoiser eps_theta(x, i, s) at every step, and the full reverse chain from the same x_T, with the same
@@ -557,6 +569,7 @@ def test_diffusion_denoiser_and_chain(request, which, steps):
             assert rel < 1e-4
 
 
+@official
 def test_qvpo_advantage_weights_and_entropy_rows(qvpo_official):
     """Best-of-N under min-Q and qadv = max(q_best - mean_n q, 0) from the official sample_n and q_transform.qadv; then
     the weighted eps-loss of the policy rows (best rows weight w, uniform rows weight entropy_alpha w) under the
@@ -598,6 +611,7 @@ def test_qvpo_advantage_weights_and_entropy_rows(qvpo_official):
     assert report("qvpo weighted eps-loss with the entropy rows", loss_ours, loss_theirs) < 1e-5
 
 
+@official
 def test_dipo_action_ascent_and_write_back(dipo_official):
     """DIPO's action gradient: 20 steps of a fresh Adam on -min Q (batch gradient-norm clip at ratio * act_dim, clamp
     to [-1, 1]); the official run and ours from the same memory rows give the same actions bit for bit. The official
@@ -646,3 +660,37 @@ def test_dipo_action_ascent_and_write_back(dipo_official):
         dp.update(batch, mem, actor, dp.Denoiser(OBS_DIM, ACT_DIM, 5), qf, dp.TwinQ(OBS_DIM, ACT_DIM),
                   torch.optim.Adam(actor.parameters()), torch.optim.Adam(qf.parameters()), 0, dargs)  # fmt: skip
         assert torch.equal(mem.data, before) != write_back
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmark/official/run_official.py: the official log, converted for plot.py (no official code needed)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_run_official_converts_metrics_for_plot(tmp_path):
+    """An official run folder (metrics.jsonl, config.yaml) becomes a run folder that plot.py groups as
+    rfm_official-jax on the official run's env and seed, with the returns at the official steps and a config.json."""
+    off = tmp_path / "official_run"
+    off.mkdir()
+    returns = {0: 61.5, 1000: 120.25, 2000: 240.75}
+    off.joinpath("metrics.jsonl").write_text("".join(f'{{"step": {k}, "episode_length": 1000.0, "episode_reward": {v}}}\n'
+                                                     for k, v in returns.items()))  # fmt: skip
+    off.joinpath("config.yaml").write_text("seed: 2\nalgo: rfm\nenv:\n  name: finger-spin\n")
+    proc = run_script("benchmark/official/run_official.py", ["--convert-only", off, "--runs-dir", tmp_path / "runs"],
+                      tmp_path, RFM_OFFICIAL="")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    groups = plot.load_runs(tmp_path / "runs", "eval/episodic_return")
+    assert list(groups) == [("dm_control_finger-spin-v0", "rfm_official-jax")]
+    steps, values = groups["dm_control_finger-spin-v0", "rfm_official-jax"][2]
+    assert steps.tolist() == list(returns) and np.allclose(values, list(returns.values()))
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    config = __import__("json").loads((run_dir / "config.json").read_text())
+    assert set(config) == {"script", "args", "resumable", "commit", "dirty"}
+    assert config["args"]["overrides"]["env.name"] == "finger-spin" and config["args"]["seed"] == 2
+
+
+@pytest.mark.parametrize("flags", [["--env-id", "Hopper-v5", "--checkout", "."], ["--checkout", "/nonexistent"]])
+def test_run_official_bad_input(tmp_path, flags):
+    proc = run_script("benchmark/official/run_official.py", flags, tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-2000:]
