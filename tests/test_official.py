@@ -3,7 +3,8 @@ sides get the same random draws, and the outputs are compared.
 
 The equivalence tests are marked `official`; each is skipped, with the reason, unless its checkout is named and its
 packages import:
-    RFM_OFFICIAL=/path/to/ReverseFlowMatching   (azizanlab/ReverseFlowMatching 7e6410a; JAX 0.6.2, Flax 0.10.7, Optax 0.2.6)
+    RFM_OFFICIAL=/path/to/ReverseFlowMatching   (azizanlab/ReverseFlowMatching 7e6410a; JAX 0.6.2, Flax 0.10.7,
+                                                 Optax 0.2.6)
     QVPO_OFFICIAL=/path/to/qvpo                 (wadx2019/qvpo 40a1974; PyTorch)
     DIPO_OFFICIAL=/path/to/DIPO                 (BellmanTimeHut/DIPO c6d8d1b; PyTorch)
     python -m pytest -m official -v -s          (-s prints the measured differences)
@@ -17,7 +18,7 @@ unless a comment says why the computation is more sensitive.
 
 import importlib
 import inspect
-import math
+import json
 import os
 import sys
 from pathlib import Path
@@ -28,9 +29,9 @@ import pytest
 import torch
 
 import dipo_baseline as dp
-from benchmark import plot
 import qvpo_baseline as qv
 import rfm_flow as rf
+from benchmark import plot
 from tests.conftest import run_script
 
 official = pytest.mark.official  # every test below that needs an official checkout
@@ -78,7 +79,8 @@ def rfm_critic_from_flax(q_params):
 
 def rfm_actor_params(actor):
     """The actor's weights as (in, out) kernels and biases, in the order of rfm_actor_from_flax."""
-    return [t for layer in [actor.inp, actor.blocks[0], actor.blocks[1], actor.out] for t in (layer.weight.T, layer.bias)]
+    layers = [actor.inp, actor.blocks[0], actor.blocks[1], actor.out]
+    return [t for layer in layers for t in (layer.weight.T, layer.bias)]
 
 
 def flax_actor_params(params):
@@ -103,7 +105,8 @@ def rfm_particles(actor, qf, obs, noise, args):
 
 
 def rfm_eval_action(actor, qf, obs, noise, args):
-    """Our evaluation action with the initial noise given. Assumes act_eval draws it as state_noise(obs, (N, D), seed)."""
+    """Our evaluation action with the initial noise given. Assumes act_eval draws it as
+    state_noise(obs, (N, D), seed)."""
     with replaced(rf, "state_noise", lambda *a, **kw: noise.clone()):
         return rf.act_eval(actor, qf, obs, args)
 
@@ -153,7 +156,8 @@ def schedule_of(denoiser):
     c1, c2, sigma (docs/baselines.md §0)."""
     return {"sqrt_alphas_cumprod": denoiser.sqrt_ac, "sqrt_one_minus_alphas_cumprod": denoiser.sqrt_1m_ac,
             "sqrt_recip_alphas_cumprod": denoiser.recip, "sqrt_recipm1_alphas_cumprod": denoiser.recipm1,
-            "posterior_mean_coef1": denoiser.c1, "posterior_mean_coef2": denoiser.c2, "sigma": denoiser.sigma}  # fmt: skip
+            "posterior_mean_coef1": denoiser.c1, "posterior_mean_coef2": denoiser.c2,
+            "sigma": denoiser.sigma}  # fmt: skip
 
 
 def twinq_from_official(critic, module=qv):
@@ -379,7 +383,8 @@ def test_rfm_eval_action(rfm_official, rfm_pair):
 
 @official
 def test_rfm_boltzmann_resampling(rfm_official, rfm_pair):
-    """Behaviour/TD resampling: one particle per state ~ softmax_n(Q_n / T). The official draw (jax categorical) and ours
+    """Behaviour/TD resampling: one particle per state ~ softmax_n(Q_n / T). The official draw (jax categorical) and
+    ours
     (Gumbel-max) use different random streams, so they are compared statistically: for each state the rank of the
     picked particle's Q, against the ranks' expected counts from the softmax probabilities (chi-square, both sides)."""
     import jax
@@ -673,8 +678,8 @@ def test_run_official_converts_metrics_for_plot(tmp_path):
     off = tmp_path / "official_run"
     off.mkdir()
     returns = {0: 61.5, 1000: 120.25, 2000: 240.75}
-    off.joinpath("metrics.jsonl").write_text("".join(f'{{"step": {k}, "episode_length": 1000.0, "episode_reward": {v}}}\n'
-                                                     for k, v in returns.items()))  # fmt: skip
+    lines = [json.dumps({"step": k, "episode_length": 1000.0, "episode_reward": v}) + "\n" for k, v in returns.items()]
+    off.joinpath("metrics.jsonl").write_text("".join(lines))
     off.joinpath("config.yaml").write_text("seed: 2\nalgo: rfm\nenv:\n  name: finger-spin\n")
     proc = run_script("benchmark/official/run_official.py", ["--convert-only", off, "--runs-dir", tmp_path / "runs"],
                       tmp_path, RFM_OFFICIAL="")  # fmt: skip
@@ -684,7 +689,7 @@ def test_run_official_converts_metrics_for_plot(tmp_path):
     steps, values = groups["dm_control_finger-spin-v0", "rfm_official-jax"][2]
     assert steps.tolist() == list(returns) and np.allclose(values, list(returns.values()))
     (run_dir,) = (tmp_path / "runs").iterdir()
-    config = __import__("json").loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
     assert set(config) == {"script", "args", "resumable", "commit", "dirty"}
     assert config["args"]["overrides"]["env.name"] == "finger-spin" and config["args"]["seed"] == 2
 

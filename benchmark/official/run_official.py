@@ -156,7 +156,7 @@ if __name__ == "__main__":
         convert(args, overrides(args), args.convert_only, 0.0)
     else:
         if not args.checkout:
-            raise SystemExit("error: give --checkout (or set RFM_OFFICIAL) to the official ReverseFlowMatching checkout")
+            raise SystemExit("error: give --checkout (or set RFM_OFFICIAL): the official ReverseFlowMatching checkout")
         over = overrides(args)
         official_dir, wall = run_official(args, over)
         if official_dir is not None:
