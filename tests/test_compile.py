@@ -1,0 +1,84 @@
+"""--compile (docs/speed.md): each script's compiled sampler computes what the eager one does, to float tolerance, in
+one graph (no breaks, so that CUDA graphs can replay it), and the compile set-up emits tanh in its exp form on CPU."""
+
+import importlib
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import tests.conftest  # noqa: F401  (puts the repository on sys.path)
+
+SCRIPTS = ["rfm_flow", "rfm_diffusion", "qvpo_baseline", "dipo_baseline"]
+CPU = torch.device("cpu")
+
+
+def sampler_call(name, seed=0, states=3, particles=4, obs_dim=5, act_dim=2):
+    """(script's sampler, its positional arguments) on small random inputs, networks at their default sizes."""
+    m = importlib.import_module(name)
+    torch.manual_seed(seed)
+    obs = torch.randn(states, obs_dim)
+    if name == "rfm_flow":
+        actor, qf, args = m.VelocityField(obs_dim, act_dim), m.TwinQ(obs_dim, act_dim), m.Args()
+        noise = torch.randn(states, particles, act_dim)
+        return m.sample_particles, (actor, qf, obs, noise, args.temperature, args.flow_steps, args.t_min)
+    if name == "rfm_diffusion":
+        args = m.Args()
+        actor, qf = m.NoiseNet(obs_dim, act_dim, args.diffusion_steps), m.TwinQ(obs_dim, act_dim)
+        noise = torch.randn(states, particles, act_dim)
+        z = torch.randn(states, args.diffusion_steps, particles, act_dim)
+        return m.sample_particles, (actor, qf, obs, noise, args.temperature, z)
+    args = m.Args()
+    actor = m.Denoiser(obs_dim, act_dim, args.diffusion_steps)
+    x = torch.randn(states, particles, act_dim)
+    return m.ddpm_sample, (actor, obs, x, torch.randn(args.diffusion_steps, states, particles, act_dim))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_sampler_has_no_graph_breaks(name):
+    """The whole sampler (every Euler / DDPM step and the min-Q scoring) is one graph: no host syncs or Python-side
+    data dependence, which is what CUDA graphs (--compile on a GPU) need."""
+    fn, inputs = sampler_call(name)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(fn)(*inputs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_compiled_sampler_equals_eager():
+    """rfm_flow's sampler through the script's own compile set-up (decomposed tanh on CPU) against eager: latents
+    and min-Q scores agree to float32 tolerance."""
+    m = importlib.import_module("rfm_flow")
+    fn, inputs = sampler_call("rfm_flow")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y, q = fn(*inputs)
+        y_c, q_c = m.compiled(fn, CPU)(*inputs)
+    torch.testing.assert_close(y_c, y, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(q_c, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SCRIPTS[1:])
+def test_compiled_sampler_equals_eager_other_scripts(name):
+    """The same for rfm_diffusion's particle sampler and the baselines' DDPM chain (slow: a compile each)."""
+    m = importlib.import_module(name)
+    fn, inputs = sampler_call(name)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = fn(*inputs)
+        comp = m.compiled(fn, CPU)(*inputs)
+    torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_compile_setup_emits_tanh_in_exp_form_on_cpu(name):
+    """Inductor's CPU tanh is the cost of the tanh-form GELU (docs/speed.md); the set-up has it emitted as
+    2 / (1 + exp(-2x)) - 1, which must stay exact at float tolerance, saturate to +-1 and keep NaN."""
+    m = importlib.import_module(name)
+    x = torch.cat([torch.linspace(-30, 30, 1001), torch.tensor([-1e4, 1e4, 1e-8, -1e-8, 0.0, float("nan")])])
+    torch._dynamo.reset()
+    out, (code,) = run_and_get_code(m.compiled(torch.tanh, CPU), x)
+    assert ".tanh()" not in code and "std::tanh" not in code and ".exp()" in code
+    torch.testing.assert_close(out, torch.tanh(x), rtol=0, atol=2e-7, equal_nan=True)
