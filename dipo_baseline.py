@@ -345,6 +345,7 @@ def compiled(fn, device):
     GEMM kernels may fuse bias and activation), random draws from torch's generator as in eager; on CUDA with CUDA
     graphs, as the step is launch-bound there; on CPU with tanh emitted as 2 / (1 + exp(-2x)) - 1, as inductor's CPU
     tanh costs about three exps."""
+    torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad traced into the graph, not a graph break
     device_options = {"triton.cudagraphs": True} if device.type == "cuda" else {"cpp.use_decompose_tanh": True}
     return torch.compile(fn, dynamic=False, options={"max_autotune": True, "fallback_random": True, **device_options})
 

@@ -382,6 +382,7 @@ def compiled(fn, device):
     GEMM kernels may fuse bias and activation), random draws from torch's generator as in eager; on CUDA with CUDA
     graphs, as the step is launch-bound there; on CPU with tanh emitted as 2 / (1 + exp(-2x)) - 1, as inductor's CPU
     tanh costs about three exps."""
+    torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad traced into the graph, not a graph break
     device_options = {"triton.cudagraphs": True} if device.type == "cuda" else {"cpp.use_decompose_tanh": True}
     return torch.compile(fn, dynamic=False, options={"max_autotune": True, "fallback_random": True, **device_options})
 
@@ -551,8 +552,10 @@ if __name__ == "__main__":
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     stateful = dict(actor=actor, qf=qf, qf_target=qf_target, actor_optimizer=actor_optimizer, q_optimizer=q_optimizer,
                     rb=rb)  # all a checkpoint restores
-    # the particle sampler is most of an update; compiling fuses its elementwise work
+    # --compile: the particle sampler (most of an update) and the posterior, its ∇Q in the same graph; update() calls
+    # the compiled posterior by its name
     sample = compiled(sample_particles, device) if args.compile else sample_particles
+    posterior_noise = compiled(posterior_noise, device) if args.compile else posterior_noise
     policy_eval = functools.partial(act_eval, actor, qf, args=args, sample=sample)  # obs -> deterministic action
 
     if args.eval_only:  # no training: the loaded weights, evaluated once at the step they were saved at

@@ -16,9 +16,10 @@ rfm_flow update (its FLOPs over that rate) are printed. Runs on the GPU when one
 """
 
 import copy
-import importlib
-import os
 import functools
+import importlib
+import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 import torch
 import tyro
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 
 def random_batch(n, obs_dim, act_dim, device):
@@ -62,8 +64,16 @@ def script_sampler(m, fn, compile, device):
 
 
 def setup_rfm(a, device, script, compile):
-    """rfm_flow / rfm_diffusion: the same update around a different policy network and sampler."""
-    m = importlib.import_module(script)
+    """rfm_flow / rfm_diffusion: the same update around a different policy network and sampler. Compiled as the
+    script's --compile: the sampler, and the posterior rebound by name in a copy of the module of its own."""
+    if compile:
+        spec = importlib.util.spec_from_file_location(f"{script}_compiled", os.path.join(ROOT, f"{script}.py"))
+        m = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(m)
+        posterior = "posterior_mean" if script == "rfm_flow" else "posterior_noise"
+        setattr(m, posterior, m.compiled(getattr(m, posterior), device))
+    else:
+        m = importlib.import_module(script)
     args = m.Args()
     if script == "rfm_flow":
         actor = m.VelocityField(a.obs_dim, a.act_dim).to(device)

@@ -13,25 +13,23 @@ SCRIPTS = ["rfm_flow", "rfm_diffusion", "qvpo_baseline", "dipo_baseline"]
 CPU = torch.device("cpu")
 
 
-def sampler_call(name, seed=0, states=3, particles=4, obs_dim=5, act_dim=2):
-    """(script's sampler, its positional arguments) on small random inputs, networks at their default sizes."""
+def sampler_call(name, seed=0, states=3, particles=4, obs_dim=5, act_dim=2, steps=3):
+    """(script's sampler, its positional arguments) on small random inputs, networks at their default widths, chains
+    of `steps` Euler / DDPM steps (a short graph compiles in seconds)."""
     m = importlib.import_module(name)
     torch.manual_seed(seed)
     obs = torch.randn(states, obs_dim)
     if name == "rfm_flow":
         actor, qf, args = m.VelocityField(obs_dim, act_dim), m.TwinQ(obs_dim, act_dim), m.Args()
         noise = torch.randn(states, particles, act_dim)
-        return m.sample_particles, (actor, qf, obs, noise, args.temperature, args.flow_steps, args.t_min)
+        return m.sample_particles, (actor, qf, obs, noise, args.temperature, steps, args.t_min)
     if name == "rfm_diffusion":
-        args = m.Args()
-        actor, qf = m.NoiseNet(obs_dim, act_dim, args.diffusion_steps), m.TwinQ(obs_dim, act_dim)
-        noise = torch.randn(states, particles, act_dim)
-        z = torch.randn(states, args.diffusion_steps, particles, act_dim)
-        return m.sample_particles, (actor, qf, obs, noise, args.temperature, z)
-    args = m.Args()
-    actor = m.Denoiser(obs_dim, act_dim, args.diffusion_steps)
+        actor, qf = m.NoiseNet(obs_dim, act_dim, steps), m.TwinQ(obs_dim, act_dim)
+        noise, z = torch.randn(states, particles, act_dim), torch.randn(states, steps, particles, act_dim)
+        return m.sample_particles, (actor, qf, obs, noise, m.Args().temperature, z)
+    actor = m.Denoiser(obs_dim, act_dim, steps)
     x = torch.randn(states, particles, act_dim)
-    return m.ddpm_sample, (actor, obs, x, torch.randn(args.diffusion_steps, states, particles, act_dim))
+    return m.ddpm_sample, (actor, obs, x, torch.randn(steps, states, particles, act_dim))
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -82,3 +80,35 @@ def test_compile_setup_emits_tanh_in_exp_form_on_cpu(name):
     out, (code,) = run_and_get_code(m.compiled(torch.tanh, CPU), x)
     assert ".tanh()" not in code and "std::tanh" not in code and ".exp()" in code
     torch.testing.assert_close(out, torch.tanh(x), rtol=0, atol=2e-7, equal_nan=True)
+
+
+def posterior_call(name, seed=0, states=3, samples=8, obs_dim=5, act_dim=2):
+    """(script's posterior estimator, its arguments, the seed its draws start from): the plug-in (Stein) estimator,
+    which needs ∇Q, with a TwinQ at its default sizes."""
+    m = importlib.import_module(name)
+    torch.manual_seed(seed)
+    qf, args = m.TwinQ(obs_dim, act_dim), m.Args()
+    obs, y_t, t = torch.randn(states, obs_dim), torch.randn(states, act_dim), torch.rand(states, 1) * 0.8 + 0.1
+    if name == "rfm_flow":
+        return m.posterior_mean, (qf.min_q, obs, y_t, t, samples, args.temperature, "stein")
+    alpha, sigma = t.sqrt(), (1 - t).sqrt()  # a point of a variance-preserving schedule
+    return m.posterior_noise, (qf.min_q, obs, y_t, alpha, sigma, samples, args.temperature, "stein")
+
+
+@pytest.mark.parametrize("name", ["rfm_flow", pytest.param("rfm_diffusion", marks=pytest.mark.slow)])
+def test_compiled_posterior_is_one_graph_and_equals_eager(name):
+    """The posterior as --compile runs it: Q, ∇Q (torch.autograd.grad) and the weights in one graph, its K draws from
+    torch's generator as in eager, so that from one seed the estimate and diagnostics agree to float tolerance."""
+    m = importlib.import_module(name)
+    fn, inputs = posterior_call(name)
+    torch._dynamo.reset()
+    compiled_fn = m.compiled(fn, CPU)
+    explanation = torch._dynamo.explain(fn)(*inputs)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    torch.manual_seed(1)
+    estimate, info = fn(*inputs)
+    torch.manual_seed(1)
+    estimate_c, info_c = compiled_fn(*inputs)
+    torch.testing.assert_close(estimate_c, estimate, rtol=1e-4, atol=1e-4)
+    for k in info:
+        torch.testing.assert_close(info_c[k], info[k], rtol=1e-4, atol=1e-4)
