@@ -39,7 +39,7 @@ class Args:
     wandb_entity: str | None = None  # the entity (team) of wandb's project
     capture_video: bool = False  # whether to capture videos of the agent performances (check out `videos` folder)
     save_model: bool = False  # whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it
-    compile: bool = False  # torch.compile the particle sampler (policy ODE + min-Q scoring)
+    compile: bool = False  # torch.compile the particle sampler and the posterior estimator (docs/speed.md)
     checkpoint_every: int = 0  # steps between runs/{run_name}/checkpoint.pt writes (0: --eval-every); also at the end
     resume: str | None = None  # continue the run of this checkpoint.pt (or run dir holding it), given the same flags
     eval_only: bool = False  # no training: evaluate the --load-model weights once, logged in a new run dir
