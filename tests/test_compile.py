@@ -1,5 +1,6 @@
-"""--compile (docs/speed.md): each script's compiled sampler computes what the eager one does, to float tolerance, in
-one graph (no breaks, so that CUDA graphs can replay it), and the compile set-up emits tanh in its exp form on CPU."""
+"""--compile (docs/speed.md): each compiled region (every script's sampler, the RFM scripts' posterior) is one graph
+(no breaks, so that CUDA graphs can replay it) and computes what eager does to float tolerance, random draws
+included; the compile set-up emits tanh in its exp form on CPU; `rfm_flow.py --compile` trains as eager does."""
 
 import importlib
 
