@@ -85,6 +85,8 @@ def setup_rfm(a, device, script, compile):
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr)
     batch = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)
     sample = script_sampler(m, m.sample_particles, compile, device)
+    if compile and device.type == "cpu" and hasattr(m, "in_state_chunks"):  # as the script's __main__ does
+        sample = m.in_state_chunks(sample, 32)
     obs1 = torch.randn(1, a.obs_dim, device=device)
 
     @torch.no_grad()

@@ -58,6 +58,18 @@ def test_compiled_sampler_equals_eager():
     torch.testing.assert_close(q_c, q, rtol=1e-4, atol=1e-5)
 
 
+def test_sampler_in_state_chunks_equals_whole():
+    """rfm_flow's CPU chunking of the sampler over states (its __main__ with --compile) is the same function: 7 states
+    in chunks of 3 (the last one short) give the whole call's latents and scores."""
+    m = importlib.import_module("rfm_flow")
+    fn, inputs = sampler_call("rfm_flow", states=7)
+    with torch.no_grad():
+        whole, chunked = fn(*inputs), m.in_state_chunks(fn, 3)(*inputs)
+    assert len(chunked) == 2
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS[1:])
 def test_compiled_sampler_equals_eager_other_scripts(name):
