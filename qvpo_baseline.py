@@ -332,6 +332,16 @@ def evaluate(policy, envs, action_scale, action_bias, device):
     return float(returns.mean())
 
 
+def compiled(fn, device):
+    """fn under torch.compile, as --compile runs it (docs/speed.md): static shapes, matmuls autotuned (inductor's own
+    GEMM kernels may fuse bias and activation), random draws from torch's generator as in eager; on CUDA with CUDA
+    graphs, as the step is launch-bound there; on CPU with tanh emitted as 2 / (1 + exp(-2x)) - 1, as inductor's CPU
+    tanh costs about three exps."""
+    torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad traced into the graph, not a graph break
+    device_options = {"triton.cudagraphs": True} if device.type == "cuda" else {"cpp.use_decompose_tanh": True}
+    return torch.compile(fn, dynamic=False, options={"max_autotune": True, "fallback_random": True, **device_options})
+
+
 # input checks: one `error:` line and exit 1 before training, never a silent wrong run
 def check_args(args):
     problems = [msg for bad, msg in [
@@ -501,7 +511,7 @@ if __name__ == "__main__":
     stateful = dict(actor=actor, actor_target=actor_target, qf=qf, qf_target=qf_target, actor_optimizer=actor_optimizer,
                     q_optimizer=q_optimizer, rb=rb)  # all a checkpoint restores
     # the DDPM chains are most of an update and of every action; compiling fuses their elementwise work
-    sample = torch.compile(ddpm_sample) if args.compile else ddpm_sample
+    sample = compiled(ddpm_sample, device) if args.compile else ddpm_sample
     policy_eval = lambda o: act_eval(actor, qf, o, args, sample)  # noqa: E731  (obs -> evaluation action)
 
     if args.eval_only:  # no training: the loaded weights, evaluated once at the step they were saved at

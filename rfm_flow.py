@@ -39,7 +39,7 @@ class Args:
     wandb_entity: str | None = None  # the entity (team) of wandb's project
     capture_video: bool = False  # whether to capture videos of the agent performances (check out `videos` folder)
     save_model: bool = False  # whether to save the model into the `runs/{run_name}` folder, then reload and evaluate it
-    compile: bool = False  # torch.compile the particle sampler (policy ODE + min-Q scoring)
+    compile: bool = False  # torch.compile the particle sampler and the posterior estimator (docs/speed.md)
     checkpoint_every: int = 0  # steps between runs/{run_name}/checkpoint.pt writes (0: --eval-every); also at the end
     resume: str | None = None  # continue the run of this checkpoint.pt (or run dir holding it), given the same flags
     eval_only: bool = False  # no training: evaluate the --load-model weights once, logged in a new run dir
@@ -347,6 +347,27 @@ def evaluate(policy, envs, action_scale, action_bias, device):
     return float(returns.mean())
 
 
+def compiled(fn, device):
+    """fn under torch.compile, as --compile runs it (docs/speed.md): static shapes, matmuls autotuned (inductor's own
+    GEMM kernels may fuse bias and activation), random draws from torch's generator as in eager; on CUDA with CUDA
+    graphs, as the step is launch-bound there; on CPU with tanh emitted as 2 / (1 + exp(-2x)) - 1, as inductor's CPU
+    tanh costs about three exps."""
+    torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad traced into the graph, not a graph break
+    device_options = {"triton.cudagraphs": True} if device.type == "cuda" else {"cpp.use_decompose_tanh": True}
+    return torch.compile(fn, dynamic=False, options={"max_autotune": True, "fallback_random": True, **device_options})
+
+
+def in_state_chunks(sample, states):
+    """The sampler run on `states` states at a time (CPU only, docs/speed.md): the same function of each state's
+    inputs, its activations small enough to stay in cache."""
+
+    def chunked(actor, qf, obs, noise, *rest):
+        parts = [sample(actor, qf, o, n, *rest) for o, n in zip(obs.split(states), noise.split(states))]
+        return tuple(torch.cat(outputs) for outputs in zip(*parts))
+
+    return chunked
+
+
 # input checks: one `error:` line and exit 1 before training, never a silent wrong run
 def check_args(args):
     problems = [msg for bad, msg in [
@@ -512,8 +533,12 @@ if __name__ == "__main__":
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     stateful = dict(actor=actor, qf=qf, qf_target=qf_target, actor_optimizer=actor_optimizer, q_optimizer=q_optimizer,
                     rb=rb)  # all a checkpoint restores
-    # the particle sampler is most of an update; compiling fuses its elementwise work
-    sample = torch.compile(sample_particles) if args.compile else sample_particles
+    # --compile: the particle sampler (most of an update) and the posterior, its ∇Q in the same graph; update() calls
+    # the compiled posterior by its name
+    sample = compiled(sample_particles, device) if args.compile else sample_particles
+    posterior_mean = compiled(posterior_mean, device) if args.compile else posterior_mean
+    if args.compile and device.type == "cpu":  # CPU only: the sampler 32 states at a time, in cache (docs/speed.md)
+        sample = in_state_chunks(sample, 32)
     policy_eval = functools.partial(act_eval, actor, qf, args=args, sample=sample)  # obs -> deterministic action
 
     if args.eval_only:  # no training: the loaded weights, evaluated once at the step they were saved at
