@@ -499,6 +499,9 @@ if __name__ == "__main__":
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=run_name, save_code=True, id=run_name, resume="allow")  # fmt: skip
     writer = SummaryWriter(run_dir, purge_step=ckpt["global_step"] + 1 if args.resume else None)  # hides later steps
+    hyperparameters = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    if not args.resume:  # logged once per run dir
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)

@@ -13,6 +13,7 @@
 import copy
 import math
 import re
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -378,13 +379,19 @@ def small_args(**kw):
     return qv.Args(diffusion_steps=3, num_action_samples=8, num_entropy_samples=2, target_samples=4, **kw)
 
 
+def as_agent(actor, actor_target, qf, qf_target, actor_optimizer, q_optimizer):
+    """The bundle update() takes, as the script's main builds it."""
+    return SimpleNamespace(actor=actor, actor_target=actor_target, qf=qf, qf_target=qf_target,
+                           actor_optimizer=actor_optimizer, q_optimizer=q_optimizer)  # fmt: skip
+
+
 def test_update_order_weights_and_polyak():
     """Critic first; the weights use the just-updated critic on the policy batch; both targets move by tau."""
     obs_dim, act_dim, B = 3, 2, 16
     actor, actor_target, qf, qf_target, a_opt, q_opt = make_agent(obs_dim, act_dim)
     args = small_args(tau=0.1)
-    batch = (torch.randn(B, obs_dim), torch.rand(B, act_dim) * 2 - 1, torch.rand(B, 1), torch.randn(B, obs_dim),
-             torch.zeros(B, 1))  # fmt: skip
+    batch = qv.Batch(torch.randn(B, obs_dim), torch.rand(B, act_dim) * 2 - 1, torch.rand(B), torch.randn(B, obs_dim),
+                      torch.zeros(B))  # fmt: skip
     policy_obs = torch.randn(B, obs_dim)
     before = {n: [p.detach().clone() for p in m.parameters()] for n, m in
               [("actor", actor), ("actor_target", actor_target), ("qf", qf), ("qf_target", qf_target)]}  # fmt: skip
@@ -393,7 +400,7 @@ def test_update_order_weights_and_polyak():
     # after the update (only its own Adam step changed it; Polyak moves the targets) and with the pre-step critic
     actor2, actor_target2, qf2, qf_target2, _, _ = make_agent(obs_dim, act_dim)
     rng = torch.get_rng_state()
-    logs = qv.update(batch, policy_obs, actor, actor_target, qf, qf_target, a_opt, q_opt, 0.02, args)
+    logs = qv.update(as_agent(actor, actor_target, qf, qf_target, a_opt, q_opt), batch, policy_obs, 0.02, args)
     torch.set_rng_state(rng)
     qv.best_of_k(actor_target2, qf_target2, batch[3], args.target_samples)  # the critic target's draws
     rng_policy = torch.get_rng_state()
@@ -421,12 +428,12 @@ def test_update_actor_loss_rows(entropy_alpha):
     obs_dim, act_dim, B = 3, 2, 16
     actor, actor_target, qf, qf_target, a_opt, q_opt = make_agent(obs_dim, act_dim)
     args = small_args()
-    batch = (torch.randn(B, obs_dim), torch.rand(B, act_dim) * 2 - 1, torch.rand(B, 1) + 1, torch.randn(B, obs_dim),
-             torch.zeros(B, 1))  # fmt: skip
+    batch = qv.Batch(torch.randn(B, obs_dim), torch.rand(B, act_dim) * 2 - 1, torch.rand(B) + 1, torch.randn(B, obs_dim),
+                      torch.zeros(B))  # fmt: skip
     policy_obs = torch.randn(B, obs_dim)
     actor2, actor_target2, _, qf_target2, _, _ = make_agent(obs_dim, act_dim)
     rng = torch.get_rng_state()
-    logs = qv.update(batch, policy_obs, actor, actor_target, qf, qf_target, a_opt, q_opt, entropy_alpha, args)
+    logs = qv.update(as_agent(actor, actor_target, qf, qf_target, a_opt, q_opt), batch, policy_obs, entropy_alpha, args)
     torch.set_rng_state(rng)
     qv.best_of_k(actor_target2, qf_target2, batch[3], args.target_samples)  # the critic target's draws
     best, q = qv.best_of_k(actor2, qf, policy_obs, args.num_action_samples)  # qf: the just-updated critic
@@ -447,12 +454,12 @@ def test_critic_target_uses_best_of_k_target_actor():
     obs_dim, act_dim, B = 3, 2, 8
     actor, actor_target, qf, qf_target, a_opt, q_opt = make_agent(obs_dim, act_dim)
     args = small_args(gamma=0.9)
-    batch = (torch.randn(B, obs_dim), torch.rand(B, act_dim) * 2 - 1, torch.rand(B, 1), torch.randn(B, obs_dim),
-             (torch.rand(B, 1) < 0.5).float())  # fmt: skip
+    batch = qv.Batch(torch.randn(B, obs_dim), torch.rand(B, act_dim) * 2 - 1, torch.rand(B), torch.randn(B, obs_dim),
+                      (torch.rand(B) < 0.5).float())  # fmt: skip
     qf_pre, policy_obs = copy.deepcopy(qf), torch.randn(B, obs_dim)
     _, actor_target2, _, qf_target2, _, _ = make_agent(obs_dim, act_dim)
     rng = torch.get_rng_state()
-    logs = qv.update(batch, policy_obs, actor, actor_target, qf, qf_target, a_opt, q_opt, 0.02, args)
+    logs = qv.update(as_agent(actor, actor_target, qf, qf_target, a_opt, q_opt), batch, policy_obs, 0.02, args)
     torch.set_rng_state(rng)
     _, next_q = qv.best_of_k(actor_target2, qf_target2, batch[3], args.target_samples)
     y = batch[2].flatten() + (1 - batch[4].flatten()) * 0.9 * next_q.max(1).values

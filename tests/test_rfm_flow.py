@@ -90,12 +90,13 @@ def sample_yt(n, t, center, seed):
     return t * y1 + (1 - t) * torch.randn(y1.shape, generator=gen, dtype=F64)
 
 
-def call_posterior_mean(center, yt, t, K, estimator, seed, column=False, **kw):
-    """Seeded posterior_mean on the toy target; t may be a float or a (B, 1) tensor."""
+def call_posterior_mean(center, yt, t, K, estimator, seed, column=False, cv_ridge=1e-4, cv_clip=2.0):
+    """Seeded posterior_mean on the toy target (the scripts' default ridge and clip); t a float or a (B, 1) tensor."""
     B = yt.shape[0]
     t = torch.full((B, 1), t, dtype=F64) if isinstance(t, float) else t
     torch.manual_seed(seed)
-    return rf.posterior_mean(toy_q_fn(center, column), torch.zeros(B, 1, dtype=F64), yt, t, K, T_TOY, estimator, **kw)
+    return rf.posterior_mean(toy_q_fn(center, column), torch.zeros(B, 1, dtype=F64), yt, t, num_samples=K,
+                             temperature=T_TOY, estimator=estimator, cv_ridge=cv_ridge, cv_clip=cv_clip)  # fmt: skip
 
 
 def reference_terms(center, yt, t, K, seed):
@@ -265,7 +266,7 @@ def test_posterior_mean_is_a_constant_target():
     yt = torch.randn(4, 2, dtype=F64)
     t = torch.full((4, 1), 0.6, dtype=F64)
     for estimator in ESTIMATORS:
-        y_hat, info = rf.posterior_mean(q_fn, torch.zeros(4, 1, dtype=F64), yt, t, 16, T_TOY, estimator)
+        y_hat, info = rf.posterior_mean(q_fn, torch.zeros(4, 1, dtype=F64), yt, t, 16, T_TOY, estimator, 1e-4, 2.0)
         assert not y_hat.requires_grad
         assert center.grad is None
 
@@ -385,7 +386,7 @@ def test_sinusoidal_embedding_formula():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (F64, 1e-12)])
 def test_velocity_forward_equals_concatenation_reference(dtype, tol):
-    """The split first layer (condition + time_term + W_y y) is exactly the Linear of the concatenation."""
+    """The split first layer (state_term + time_term + W_y y) is the Linear of the concatenation."""
     actor, _ = small_nets(obs_dim=5, act_dim=3, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
     obs = torch.randn(7, 5, generator=gen, dtype=dtype)
@@ -531,8 +532,9 @@ def test_replay_buffer_rows_wrap_and_sample(script):
     expected = np.stack(added[5:] + added[2:5])  # rows 0, 1 overwritten by the 6th and 7th transitions
     np.testing.assert_allclose(rb.data.numpy(), expected, rtol=1e-6)
     obs, act, rew, next_obs, done = rb.sample(64)
-    assert obs.shape == (64, 3) and act.shape == (64, 2) and rew.shape == (64, 1) and next_obs.shape == (64, 3)
-    rows = torch.cat([obs, act, rew, next_obs, done], 1)
+    assert obs.shape == (64, 3) and act.shape == (64, 2) and next_obs.shape == (64, 3)
+    assert rew.shape == done.shape == (64,)  # one value per transition
+    rows = torch.cat([obs, act, rew[:, None], next_obs, done[:, None]], 1)
     assert all((torch.as_tensor(expected, dtype=torch.float32) == row).all(1).any() for row in rows)
 
 
@@ -559,7 +561,7 @@ def make_update_setup(seed=0, rewards="random", **arg_overrides):
         r, d = torch.randn(UB, 1, generator=gen), (torch.arange(UB) % 3 == 0).float()[:, None]
     else:  # zero reward, every transition terminal
         r, d = torch.zeros(UB, 1), torch.ones(UB, 1)
-    batch = (obs, actions, r, next_obs, d)
+    batch = rf.Batch(obs, actions, r[:, 0], next_obs, d[:, 0])
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr)
     return batch, actor, qf, qf_target, actor_opt, q_opt, args
@@ -649,7 +651,7 @@ def test_update_losses_match_manual_recomputation(estimator):
         q = qf_pre(both.repeat_interleave(args.num_particles, 0), torch.tanh(y).reshape(-1, UACT)).min(0).values
         y1, next_y = rf.boltzmann_pick(y, q.view(2 * UB, -1), args.temperature).split(UB)
         next_q = target_pre(next_obs, torch.tanh(next_y)).min(0).values
-        target = rewards[:, 0] + args.gamma * (1 - dones[:, 0]) * next_q
+        target = rewards + args.gamma * (1 - dones) * next_q
         qs = qf_pre(obs, actions)
     for j in range(2):
         torch.testing.assert_close(logs[f"losses/qf{j + 1}_loss"], ((qs[j] - target) ** 2).mean(), rtol=1e-5, atol=1e-6)
@@ -660,9 +662,8 @@ def test_update_losses_match_manual_recomputation(estimator):
 
     def actor_loss_with(critic):
         torch.set_rng_state(rng)
-        y1_hat, _ = rf.posterior_mean(
-            critic.min_q, obs, y_t, t, args.num_posterior_samples, args.temperature, estimator, args.cv_ridge, args.cv_clip
-        )
+        y1_hat, _ = rf.posterior_mean(critic.min_q, obs, y_t, t, args.num_posterior_samples, args.temperature, estimator,
+                                      args.cv_ridge, args.cv_clip)  # fmt: skip
         with torch.no_grad():
             return ((actor_pre(obs, y_t, t, args.temperature) - (y1_hat - y_t) / (1 - t)) ** 2).mean()
 
@@ -751,8 +752,9 @@ def test_compiled_sampler_matches_eager():
     gen = torch.Generator().manual_seed(6)
     obs, noise = torch.randn(4, 5, generator=gen), torch.randn(4, 8, 3, generator=gen)
     with torch.no_grad():
-        want = rf.sample_particles(actor, qf, obs, noise, 0.02, 10, 0.01)
-        got = torch.compile(rf.sample_particles)(actor, qf, obs, noise, 0.02, 10, 0.01)
+        args = rf.Args(temperature=0.02, flow_steps=10, t_min=0.01)
+        want = rf.sample_particles(actor, qf, obs, noise, args)
+        got = torch.compile(rf.sample_particles)(actor, qf, obs, noise, args)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 

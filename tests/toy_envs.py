@@ -56,6 +56,15 @@ class TwoModeBandit(gym.Env):
         return np.zeros(1, np.float32), 1.0 - 4.0 * min((a - 0.5) ** 2, (a + 0.5) ** 2), True, False, {}
 
 
+class NoisyContextBandit(ContextBandit):
+    """ContextBandit whose step draws from the env's np_random (reward noise N(0, 0.1^2)): a run resumed from a
+    checkpoint continues on the same random stream only if the env's state after that draw was saved."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, reward + 0.1 * float(self.np_random.normal()), terminated, truncated, info
+
+
 class Unbounded(ContextBandit):
     """Same, with an infinite action box: scripts must refuse it."""
 
@@ -65,5 +74,6 @@ class Unbounded(ContextBandit):
 
 
 gym.register("ContextBandit-v0", entry_point=ContextBandit)
+gym.register("NoisyContextBandit-v0", entry_point=NoisyContextBandit)
 gym.register("TwoModeBandit-v0", entry_point=TwoModeBandit)
 gym.register("Unbounded-v0", entry_point=Unbounded)
