@@ -355,23 +355,18 @@ def evaluate(policy, envs, action_scale, action_bias, device):
 # input checks: one `error:` line and exit 1 before training, never a silent wrong run
 # input checks: one `error:` line and exit 1 before training, never a silent wrong run
 def check_args(args):
-    problems = [msg for bad, msg in [
-        (args.total_timesteps < 1, "--total-timesteps must be >= 1"),
-        (args.buffer_size < 1, "--buffer-size must be >= 1"),
-        (args.batch_size < 1, "--batch-size must be >= 1"),
-        (args.learning_starts < 0, "--learning-starts must be >= 0"),
-        (args.eval_every < 1, "--eval-every must be >= 1"),
-        (args.eval_episodes < 1, "--eval-episodes must be >= 1"),
-        (args.checkpoint_every < 0, "--checkpoint-every must be >= 0"),
+    at_least = {1: ["total_timesteps", "buffer_size", "batch_size", "eval_every", "eval_episodes", "diffusion_steps",
+                    "update_actor_target_every"],
+                0: ["learning_starts", "checkpoint_every", "action_gradient_steps"]}  # fmt: skip
+    problems = [f"--{k.replace('_', '-')} must be >= {bound}" for bound, keys in at_least.items() for k in keys
+                if not getattr(args, k) >= bound]  # fmt: skip
+    problems += [msg for bad, msg in [
         (args.eval_only is not None and args.resume is not None, "--eval-only PATH and --resume exclude each other"),
         (not 0.0 <= args.gamma <= 1.0, "--gamma must be in [0, 1]"),
         (not 0.0 < args.tau <= 1.0, "--tau must be in (0, 1]"),
         (args.policy_lr <= 0 or args.q_lr <= 0, "--policy-lr and --q-lr must be > 0"),
         (args.max_grad_norm <= 0, "--max-grad-norm must be > 0"),
-        (args.diffusion_steps < 1, "--diffusion-steps must be >= 1"),
         (args.action_lr <= 0 or args.action_grad_ratio <= 0, "--action-lr and --action-grad-ratio must be > 0"),
-        (args.action_gradient_steps < 0, "--action-gradient-steps must be >= 0"),
-        (args.update_actor_target_every < 1, "--update-actor-target-every must be >= 1"),
         ] if bad]  # fmt: skip
     if problems:
         raise SystemExit("error: " + "; ".join(problems))

@@ -404,26 +404,19 @@ def evaluate(policy, envs, action_scale, action_bias, device):
 # ======================================================================================================================
 # input checks: one `error:` line and exit 1 before training, never a silent wrong run
 def check_args(args):
-    problems = [msg for bad, msg in [
-        (args.total_timesteps < 1, "--total-timesteps must be >= 1"),
-        (args.buffer_size < 1, "--buffer-size must be >= 1"),
-        (args.batch_size < 1, "--batch-size must be >= 1"),
-        (args.learning_starts < 0, "--learning-starts must be >= 0"),
-        (args.eval_every < 1, "--eval-every must be >= 1"),
-        (args.eval_episodes < 1, "--eval-episodes must be >= 1"),
-        (args.checkpoint_every < 0, "--checkpoint-every must be >= 0"),
+    at_least = {1: ["total_timesteps", "buffer_size", "batch_size", "eval_every", "eval_episodes", "diffusion_steps",
+                    "num_particles", "num_posterior_samples"],
+                0: ["learning_starts", "checkpoint_every", "cv_ridge", "cv_clip"]}  # fmt: skip
+    problems = [f"--{k.replace('_', '-')} must be >= {bound}" for bound, keys in at_least.items() for k in keys
+                if not getattr(args, k) >= bound]  # fmt: skip
+    problems += [msg for bad, msg in [
         (args.eval_only is not None and args.resume is not None, "--eval-only PATH and --resume exclude each other"),
         (not 0.0 <= args.gamma <= 1.0, "--gamma must be in [0, 1]"),
         (not 0.0 < args.tau <= 1.0, "--tau must be in (0, 1]"),
         (args.policy_lr <= 0 or args.q_lr <= 0, "--policy-lr and --q-lr must be > 0"),
         (args.max_grad_norm <= 0, "--max-grad-norm must be > 0"),
         (not args.temperature > 0, "--temperature must be > 0"),
-        (args.diffusion_steps < 1, "--diffusion-steps must be >= 1"),
         (not args.x0_clip > 0, "--x0-clip must be > 0"),
-        (args.num_particles < 1, "--num-particles must be >= 1"),
-        (args.num_posterior_samples < 1, "--num-posterior-samples must be >= 1"),
-        (args.cv_ridge < 0, "--cv-ridge must be >= 0"),
-        (args.cv_clip < 0, "--cv-clip must be >= 0"),
         ] if bad]  # fmt: skip
     if problems:
         raise SystemExit("error: " + "; ".join(problems))

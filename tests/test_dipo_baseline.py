@@ -6,7 +6,6 @@ import math
 import re
 from types import SimpleNamespace
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -14,24 +13,11 @@ import torch.nn.functional as F
 
 import dipo_baseline as dipo
 from tests.conftest import BANDIT, assert_one_line_error, read_scalars, run_script, single_run_dir
-from tests.toy_envs import ContextBandit
 
 SCRIPT = "dipo_baseline.py"
 # updates really happen (200 of them), with a short chain and ascent so the runs stay fast
 FAST = ["--total-timesteps", 300, "--learning-starts", 100, "--batch-size", 32, "--diffusion-steps", 5,
         "--action-gradient-steps", 3, "--eval-every", 200, "--eval-episodes", 2]  # fmt: skip
-
-
-class TruncatedBandit(ContextBandit):
-    """ContextBandit whose one-step episodes end by time limit (truncated) instead of termination."""
-
-    def step(self, action):
-        obs, reward, _, _, info = super().step(action)
-        return obs, reward, False, True, info
-
-
-# registered on import, so the script can make it as `tests.test_dipo_baseline:TruncatedBandit-v0`
-gym.register("TruncatedBandit-v0", entry_point=TruncatedBandit)
 
 
 class QuadraticCritic(torch.nn.Module):
@@ -481,7 +467,7 @@ def hyperparameters(run_dir):
 
 
 @pytest.mark.parametrize("env_id", ["Hopper-v5", "dm_control/cartpole-swingup-v0"])
-def test_end_to_end(run, env_id):
+def test_end_to_end_env(run, env_id):
     write_back = ["--write-back"] if env_id == "Hopper-v5" else []  # the paper's variant runs too
     proc, run_dir = run(SCRIPT, "--env-id", env_id, *FAST, "--action-grad-ratio", 0.2, "--save-model", *write_back)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -506,7 +492,7 @@ def test_timeout_as_terminal(run, tmp_path_factory):
     """One-step episodes that end by truncation: by default the target bootstraps through them, so Q climbs past the
     largest reward (1) towards r / (1 - gamma); --timeout-as-terminal stops the bootstrap, so Q stays a reward
     estimate. A fast target (tau 0.2) makes the difference show within 200 updates."""
-    env = "tests.test_dipo_baseline:TruncatedBandit-v0"
+    env = "tests.toy_envs:TruncatedBandit-v0"
     common = ["--env-id", env, "--total-timesteps", 300, "--learning-starts", 100, "--batch-size", 32, "--diffusion-steps", 3,
               "--action-gradient-steps", 1, "--q-lr", 3e-3, "--tau", 0.2, "--eval-episodes", 2]  # fmt: skip
     proc, run_dir = run(SCRIPT, *common, "--timeout-as-terminal")
@@ -532,7 +518,7 @@ BAD_HYPERPARAMETERS = {"--diffusion-steps": 0, "--action-lr": 0, "--action-grad-
         [x for kv in BAD_HYPERPARAMETERS.items() for x in kv],  # one run; every problem is named on the one line
     ],
 )
-def test_bad_input(run, flags):
+def test_bad_input_fails_in_one_line_before_training(run, flags):
     line = assert_one_line_error(*run(SCRIPT, *flags, timeout=120))
     if flags[0] != "--env-id":
         assert all(flag in line for flag in BAD_HYPERPARAMETERS), line

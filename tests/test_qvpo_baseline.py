@@ -15,34 +15,16 @@ import math
 import re
 from types import SimpleNamespace
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import qvpo_baseline as qv
-from tests.conftest import BANDIT, assert_one_line_error, read_scalars, run_script, single_run_dir
+from tests.conftest import BANDIT, assert_one_line_error, check_ok, run_script, single_run_dir
 
 
-class OneStepTimeout(gym.Env):
-    """Constant state, reward 1, every step *truncated* (never terminated): Q = 1 if timeouts are terminal, else
-    1 / (1 - gamma). Registered on import as `tests.test_qvpo_baseline:OneStepTimeout-v0` (a helper of this file only)."""
-
-    def __init__(self):
-        self.observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
-        self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
-
-    def reset(self, seed=None, options=None):
-        super().reset(seed=seed)
-        return np.zeros(1, np.float32), {}
-
-    def step(self, action):
-        return np.zeros(1, np.float32), 1.0, False, True, {}
-
-
-gym.register("OneStepTimeout-v0", entry_point=OneStepTimeout)
-TIMEOUT_ENV = "tests.test_qvpo_baseline:OneStepTimeout-v0"
+TIMEOUT_ENV = "tests.toy_envs:OneStepTimeout-v0"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -477,12 +459,6 @@ SMALL = [
     "--total-timesteps", 300, "--learning-starts", 100, "--batch-size", 32, "--diffusion-steps", 3,
     "--num-action-samples", 8, "--num-entropy-samples", 2, "--eval-samples", 4,
 ]  # fmt: skip
-
-
-def check_ok(proc, run_dir):
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert run_dir is not None
-    return read_scalars(run_dir)
 
 
 @pytest.mark.parametrize(

@@ -343,7 +343,7 @@ SMALL = ["--learning-starts", 100, "--batch-size", 32, "--num-particles", 4, "--
 
 
 @pytest.mark.parametrize("env_id", ["Hopper-v5", "dm_control/cartpole-swingup-v0"])
-def test_end_to_end(run, env_id):
+def test_end_to_end_env(run, env_id):
     proc, run_dir = run(SCRIPT, "--env-id", env_id, "--total-timesteps", 300, *SMALL, "--eval-every", 150,
                         "--eval-episodes", 2, "--save-model")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -386,5 +386,5 @@ def test_estimator_flags_on_bandit(run, estimator):
      ["--env-id", BANDIT, "--diffusion-steps", 0], ["--env-id", BANDIT, "--temperature", 0],
      ["--env-id", BANDIT, "--num-posterior-samples", 0], ["--env-id", BANDIT, "--x0-clip", 0]],
 )  # fmt: skip
-def test_bad_input_fails_with_one_line(run, args):
+def test_bad_input_fails_in_one_line_before_training(run, args):
     assert_one_line_error(*run(SCRIPT, *args, timeout=120))

@@ -65,6 +65,30 @@ class NoisyContextBandit(ContextBandit):
         return obs, reward + 0.1 * float(self.np_random.normal()), terminated, truncated, info
 
 
+class TruncatedBandit(ContextBandit):
+    """ContextBandit whose one-step episodes end by time limit (truncated) instead of termination."""
+
+    def step(self, action):
+        obs, reward, _, _, info = super().step(action)
+        return obs, reward, False, True, info
+
+
+class OneStepTimeout(gym.Env):
+    """Constant state, reward 1, every step *truncated* (never terminated): Q = 1 if timeouts are terminal, else
+    1 / (1 - gamma)."""
+
+    def __init__(self):
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(1, np.float32), 1.0, False, True, {}
+
+
 class Unbounded(ContextBandit):
     """Same, with an infinite action box: scripts must refuse it."""
 
@@ -76,4 +100,6 @@ class Unbounded(ContextBandit):
 gym.register("ContextBandit-v0", entry_point=ContextBandit)
 gym.register("NoisyContextBandit-v0", entry_point=NoisyContextBandit)
 gym.register("TwoModeBandit-v0", entry_point=TwoModeBandit)
+gym.register("TruncatedBandit-v0", entry_point=TruncatedBandit)
+gym.register("OneStepTimeout-v0", entry_point=OneStepTimeout)
 gym.register("Unbounded-v0", entry_point=Unbounded)
