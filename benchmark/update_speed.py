@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import tyro
@@ -58,7 +59,8 @@ def bench_rfm(a, device, script):
     qf_target = copy.deepcopy(qf)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr)
-    batch = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)
+    batch = m.Batch(*random_batch(args.batch_size, a.obs_dim, a.act_dim, device))
+    batch = batch._replace(rewards=batch.rewards[:, 0], dones=batch.dones[:, 0])
     sample = torch.compile(m.sample_particles) if a.compile else m.sample_particles
     ms = timed(lambda: m.update(batch, actor, qf, qf_target, actor_opt, q_opt, args, sample), a.warmup, a.repeats, device)
     obs1 = torch.randn(1, a.obs_dim, device=device)
@@ -76,12 +78,15 @@ def bench_qvpo_baseline(a, device):
     qf_target = copy.deepcopy(qf)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, eps=1e-5)
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr, eps=1e-5)
-    batch = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)
+    batch = m.Batch(*random_batch(args.batch_size, a.obs_dim, a.act_dim, device))
+    batch = batch._replace(rewards=batch.rewards[:, 0], dones=batch.dones[:, 0])
     policy_obs = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)[0]
+    agent = SimpleNamespace(actor=actor, actor_target=actor_target, qf=qf, qf_target=qf_target, actor_optimizer=actor_opt,
+                            q_optimizer=q_opt)
     sample = torch.compile(m.ddpm_sample) if a.compile else m.ddpm_sample
 
     def one_update():
-        m.update(batch, policy_obs, actor, actor_target, qf, qf_target, actor_opt, q_opt, args.entropy_alpha, args, sample)
+        m.update(agent, batch, policy_obs, args.entropy_alpha, args, sample)
 
     ms = timed(one_update, a.warmup, a.repeats, device)
     obs1 = torch.randn(1, a.obs_dim, device=device)
@@ -103,12 +108,15 @@ def bench_dipo_baseline(a, device):
     memory = m.DiffusionMemory(2560, a.obs_dim, a.act_dim, device)
     obs, actions, rewards, next_obs, dones = [x.cpu().numpy() for x in random_batch(2560, a.obs_dim, a.act_dim, device)]
     memory.add(obs, next_obs, actions, rewards[:, 0], dones[:, 0])
-    batch = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)
+    batch = m.Batch(*random_batch(args.batch_size, a.obs_dim, a.act_dim, device))
+    batch = batch._replace(rewards=batch.rewards[:, 0], dones=batch.dones[:, 0])
     sample = torch.compile(m.ddpm_sample) if a.compile else m.ddpm_sample
     step = iter(range(10**9))
+    agent = SimpleNamespace(actor=actor, actor_target=actor_target, qf=qf, qf_target=qf_target, actor_optimizer=actor_opt,
+                            q_optimizer=q_opt)
 
     def one_update():
-        m.update(batch, memory, actor, actor_target, qf, qf_target, actor_opt, q_opt, next(step), args, sample)
+        m.update(agent, batch, memory, next(step), args, sample)
 
     ms = timed(one_update, a.warmup, a.repeats, device)
     obs1 = torch.randn(1, a.obs_dim, device=device)
