@@ -406,8 +406,7 @@ def write_config(run_dir, args):
     os.replace(f"{run_dir}/config.json.tmp", f"{run_dir}/config.json")
 
 
-def rng_state(rng):
-    """A numpy Generator's or RandomState's state (np.random, shimmy's dm_control envs) as plain data."""
+def rng_state(rng):  # of a numpy Generator, or of a RandomState (np.random, dm_control's envs), as plain data
     state = rng.bit_generator.state if isinstance(rng, np.random.Generator) else rng.get_state(legacy=False)
     return {**state, "state": {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in state["state"].items()}}
 
@@ -438,8 +437,7 @@ def save_checkpoint(path, stateful, envs, **loop_state):
 
 
 def load_checkpoint(path, args):
-    """The checkpoint at path (or path/checkpoint.pt) or a --save-model file, and its path; one `error:` line, before
-    anything is written, if it is unreadable or was made with other flags than args (RESUMABLE aside)."""
+    """The checkpoint at path (or path/checkpoint.pt) or a --save-model file, and its path; else one `error:` line."""
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data, never code
@@ -456,10 +454,8 @@ def load_checkpoint(path, args):
 
 
 def restore_checkpoint(ckpt, stateful, envs, device):
-    """Load what save_checkpoint saved and replay the training env's last reset from its saved random state: exact
-    when the saved step ended an episode (as on bandits; its steps' draws included) and the env resets from its
-    np_random (gymnasium's envs do, dm_control's do not); else the episode in progress starts over. Returns the
-    observation, the next step and the last training return."""
+    """Load what save_checkpoint saved; replay the training env's last reset from its saved random state (exact if the
+    saved step ended an episode, else that episode starts over). Returns the observation, next step, last return."""
     for k, v in stateful.items():
         v.load_state_dict(ckpt[k])
     rng = ckpt["rng"]
@@ -471,8 +467,7 @@ def restore_checkpoint(ckpt, stateful, envs, device):
     set_rng_state(envs.single_action_space.np_random, rng["action_space"])
     for env, (state, _) in zip(envs.envs, rng["env_resets"]):
         set_rng_state(env.np_random, state)
-    obs, _ = envs.reset(seed=[seed for _, seed in rng["env_resets"]])
-    return obs, ckpt["global_step"], ckpt["last_return"]
+    return envs.reset(seed=[seed for _, seed in rng["env_resets"]])[0], ckpt["global_step"], ckpt["last_return"]
 
 
 if __name__ == "__main__":

@@ -200,21 +200,25 @@ def test_training_step_has_no_host_syncs(script):
     assert all(v.dim() == 0 for v in logs.values())  # diagnostics stay tensors until the logging cadence reads them
 
 
-def test_every_script_writes_config_json(tmp_path):
+def test_every_script_writes_config_json_and_no_eta_before_updates(tmp_path):
     """The run-config contract: each script writes {run_dir}/config.json with the script's name, every Args field,
-    RESUMABLE sorted, and the commit and dirty flag of the scripts' checkout (or null outside one)."""
+    RESUMABLE sorted, and the commit and dirty flag of the scripts' checkout (or null outside one). During the random
+    warm-up the progress line says ETA=?."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     commit = head.stdout.strip() if head.returncode == 0 else None
     for script in TINY:
         mod = __import__(script[: -len(".py")])
         cwd = tmp_path / script
         cwd.mkdir()
-        proc = run_script(script, ["--env-id", BANDIT, "--total-timesteps", 2, "--eval-every", 2, "--eval-episodes", 1, *TINY[script]], cwd)
+        proc = run_script(script, ["--env-id", BANDIT, "--total-timesteps", 101, "--learning-starts", 200, "--eval-every",
+                                   101, "--eval-episodes", 1, *TINY[script]], cwd)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
+        # no update yet: the ETA is not guessed from the random warm-up's far faster steps
+        assert re.search(r"^step=100/101 SPS=\d+ ETA=\? ", proc.stdout, re.MULTILINE), proc.stdout[-2000:]
         config = json.loads((single_run_dir(cwd) / "config.json").read_text())
         assert config["script"] == script and config["resumable"] == sorted(mod.RESUMABLE)
         assert sorted(config["args"]) == sorted(f.name for f in dataclasses.fields(mod.Args))
-        assert config["args"]["total_timesteps"] == 2 and config["args"]["env_id"] == BANDIT
+        assert config["args"]["total_timesteps"] == 101 and config["args"]["env_id"] == BANDIT
         assert config["commit"] == commit and (commit is None) == (config["dirty"] is None)
         if commit:
             assert re.fullmatch(r"[0-9a-f]{40}", commit) and isinstance(config["dirty"], bool)
