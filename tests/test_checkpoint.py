@@ -1,7 +1,8 @@
-"""Checkpoints in every script, end to end on the toy bandit: a run stopped and resumed (--resume) is the run that was
-never stopped, bit for bit on CPU; SIGTERM/SIGUSR1 checkpoint and exit 75; damaged, foreign or mismatched checkpoints are
-refused in one line and left as they are; --eval-only reproduces the training run's evaluation. The env is a bandit whose
-step draws random numbers (reward noise), so that resuming must restore the env's random stream as it was after it."""
+"""Checkpoints in every script, end to end on a toy bandit: a run stopped and resumed (--resume) is the run that was
+never stopped, bit for bit on CPU; SIGTERM/SIGUSR1 checkpoint and exit 75; truncated, unreadable, foreign or
+mismatched checkpoints are refused in one line and left as they are; --eval-only reproduces the training run's
+evaluation. The bandit's step draws random numbers (reward noise), so resuming must restore the env's random stream
+as it was after that draw."""
 
 import os
 import random
