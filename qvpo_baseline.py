@@ -392,14 +392,16 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM or SIGUSR1 after writing 
 
 def write_config(run_dir, args):
     """{run_dir}/config.json, atomically: this script, every flag, RESUMABLE, its checkout's commit (null if none)."""
-    git = functools.partial(subprocess.run, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = functools.partial(subprocess.run, cwd=here, capture_output=True, text=True)
     try:
         head = git(["git", "rev-parse", "HEAD"])
     except OSError:  # no git
         head = None
     commit = head.stdout.strip() if head and head.returncode == 0 else None
     dirty = bool(git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()) if commit else None
-    config = dict(script=os.path.basename(__file__), args=vars(args), resumable=sorted(RESUMABLE), commit=commit, dirty=dirty)
+    config = dict(script=os.path.basename(__file__), args=vars(args), resumable=sorted(RESUMABLE), commit=commit,
+                  dirty=dirty)  # fmt: skip
     os.makedirs(run_dir, exist_ok=True)
     with open(f"{run_dir}/config.json.tmp", "w") as f:
         json.dump(config, f, indent=2)
@@ -505,7 +507,9 @@ if __name__ == "__main__":
     # an episode returns the next episode's first observation (its last is in infos), so every step is a transition
     same_step = gym.vector.AutoresetMode.SAME_STEP
     video_training, video_eval = args.capture_video and not args.eval_only, args.capture_video and bool(args.eval_only)
-    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, args.seed, 0, video_training, run_name)], autoreset_mode=same_step)
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(args.env_id, args.seed, 0, video_training, run_name)], autoreset_mode=same_step
+    )
     eval_envs = gym.vector.SyncVectorEnv(
         [make_env(args.env_id, i, i, video_eval, run_name) for i in range(args.eval_episodes)], autoreset_mode=same_step
     )
@@ -608,8 +612,8 @@ if __name__ == "__main__":
             sps = int((global_step - start_step) / (time.time() - start_time))  # since this process started
             eta = "?"  # until updates have run: the random warm-up is far faster
             if global_step > first_update:
-                seconds_per_step = (time.time() - update_start_time) / (global_step - first_update)
-                eta = "{}h{:02d}m".format(*divmod(int((args.total_timesteps - global_step) * seconds_per_step) // 60, 60))
+                step_time = (time.time() - update_start_time) / (global_step - first_update)
+                eta = "{}h{:02d}m".format(*divmod(int((args.total_timesteps - global_step) * step_time) // 60, 60))
             print(f"step={global_step}/{args.total_timesteps} SPS={sps} ETA={eta} last_return={last_return:.1f}")
             writer.add_scalar("charts/SPS", sps, global_step)
 

@@ -1,18 +1,7 @@
 # Reverse Flow Matching (Li, Tang, Azizan, ICML 2026, arXiv 2601.08136) with a DDPM (epsilon) policy; math: docs/rfm.md
 #
-# Per env step after warm-up (docs/rfm.md §7.4 with the DDPM of §11; `update` below, line by line):
-#   a = tanh(boltzmann_pick(ddpm(s_env, N=32)))                act; store (s, a, r, s', done)
-#   s, a, r, done, s2 = rb.sample(256)
-#   y1, y2 = boltzmann_pick(ddpm([s, s2], N=32))                particles scored by the pre-update min-Q
-#   critic step on r + γ (1 - done) min Q̄(s2, tanh y2)          per-member MSE, per-member clip
-#   i ~ U{0..T_d-1};  ε ~ N(0, I);  x = α_i y1 + σ_i ε
-#   εk ~ N[B,K,D];  y1k = (x - σ εk)/α;  q = minQ(s, tanh y1k), ∇q wrt y1k   (updated critic)
-#   w = softmax_k(q/T + Σ_i log sech² y1k)
-#   g = ∇q/T - 2 tanh y1k;  sk = g + (α/σ) εk
-#   ε_bar = Σ w εk;  s_bar = Σ w sk
-#   λ = clip(-Σ w² (y1k - Σ w y1k)(sk - s_bar) / (Σ w² (sk - s_bar)² + ρ), -c, c)    per dimension
-#   ε_hat = ε_bar - (α/σ) λ s_bar                                 stop-gradient
-#   actor step on mean((ε_θ(x, i, s, T) - ε_hat)²);  Polyak the target critic
+# The update is rfm_flow.py's (pseudocode in its header) with x = alpha_i y1 + sigma_i eps for the flow path: the
+# posterior target is E[eps | x] (posterior_noise) and the network regresses eps (docs/rfm.md §11).
 import copy
 import functools
 import hashlib
@@ -193,7 +182,7 @@ class NoiseNet(nn.Module):
     """eps(x_i, i, s, T): [s, x_i, emb(i), emb(T)] -> 256 -> 2 residual GELU blocks -> D (docs/rfm.md §8, §11).
 
     The first layer W [s, y, emb(t), emb(T)] + b is computed as a sum of its four input blocks, so that the sampler
-    computes the state and temperature term once per state and the time term once per DDPM step, not per particle.
+    computes the state and temperature term once per state and the time term once per step, not per particle.
     Time is the step index i itself (float 0..T_d-1, as in DDPM); the schedule is precomputed in buffers.
     """
 
@@ -255,7 +244,7 @@ def ddpm_sample(actor, obs, y, temperature, z=None):
 
 
 def sample_particles(actor, qf, obs, noise, args, z=None):
-    """N particles per state through the DDPM chain, scored by the online min-Q. obs (B, obs), noise (B, N, D) -> y, q."""
+    """N particles per state through the policy's sampler, scored by the online min-Q. obs (B, obs), noise (B, N, D)."""
     B, N, D = noise.shape
     y = ddpm_sample(actor, obs, noise, args.temperature, z)
     q = qf.min_q(obs[:, None].expand(-1, N, -1).reshape(B * N, -1), torch.tanh(y).reshape(B * N, D))
@@ -263,8 +252,8 @@ def sample_particles(actor, qf, obs, noise, args, z=None):
 
 
 def boltzmann_pick(y, q, temperature):
-    """One particle per state drawn from softmax_n(Q/T), no Jacobian term (docs/rfm.md §7.1). Gumbel-max,
-    argmax_n(Q_n/T + G_n) with G = -log E, E ~ Exp(1), rather than torch.multinomial: no host sync. Returns its latent."""
+    """One particle per state drawn from softmax_n(Q/T), no Jacobian term (docs/rfm.md §7.1), by Gumbel-max:
+    argmax_n(Q_n/T + G_n), G = -log E, E ~ Exp(1); unlike torch.multinomial, no host sync. Returns its latent."""
     idx = (q / temperature - torch.empty_like(q).exponential_().log()).argmax(1)
     return y[torch.arange(y.shape[0], device=y.device), idx]
 
@@ -295,7 +284,7 @@ def posterior_noise(q_fn, obs, x_t, alpha, sigma, num_samples, temperature, esti
         sk = g + alpha_k / sigma_k * eps_k  # posterior score in y1, zero posterior mean (docs/rfm.md §11)
         s_bar = (w * sk).sum(1)
     if estimator == "noise":
-        lam = torch.zeros_like(x_t)
+        lam = torch.zeros_like(y1k[:, 0])
     elif estimator == "gradient":
         lam = (sigma / alpha).square().expand(B, D)
     elif estimator == "stein":  # variance-minimising per-dimension plug-in on (y1, score) (docs/rfm.md §6)
@@ -446,14 +435,16 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM or SIGUSR1 after writing 
 
 def write_config(run_dir, args):
     """{run_dir}/config.json, atomically: this script, every flag, RESUMABLE, its checkout's commit (null if none)."""
-    git = functools.partial(subprocess.run, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = functools.partial(subprocess.run, cwd=here, capture_output=True, text=True)
     try:
         head = git(["git", "rev-parse", "HEAD"])
     except OSError:  # no git
         head = None
     commit = head.stdout.strip() if head and head.returncode == 0 else None
     dirty = bool(git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()) if commit else None
-    config = dict(script=os.path.basename(__file__), args=vars(args), resumable=sorted(RESUMABLE), commit=commit, dirty=dirty)
+    config = dict(script=os.path.basename(__file__), args=vars(args), resumable=sorted(RESUMABLE), commit=commit,
+                  dirty=dirty)  # fmt: skip
     os.makedirs(run_dir, exist_ok=True)
     with open(f"{run_dir}/config.json.tmp", "w") as f:
         json.dump(config, f, indent=2)
@@ -560,7 +551,9 @@ if __name__ == "__main__":
     # an episode returns the next episode's first observation (its last is in infos), so every step is a transition
     same_step = gym.vector.AutoresetMode.SAME_STEP
     video_training, video_eval = args.capture_video and not args.eval_only, args.capture_video and bool(args.eval_only)
-    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, args.seed, 0, video_training, run_name)], autoreset_mode=same_step)
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(args.env_id, args.seed, 0, video_training, run_name)], autoreset_mode=same_step
+    )
     eval_envs = gym.vector.SyncVectorEnv(
         [make_env(args.env_id, i, i, video_eval, run_name) for i in range(args.eval_episodes)], autoreset_mode=same_step
     )
@@ -656,8 +649,8 @@ if __name__ == "__main__":
             sps = int((global_step - start_step) / (time.time() - start_time))  # since this process started
             eta = "?"  # until updates have run: the random warm-up is far faster
             if global_step > first_update:
-                seconds_per_step = (time.time() - update_start_time) / (global_step - first_update)
-                eta = "{}h{:02d}m".format(*divmod(int((args.total_timesteps - global_step) * seconds_per_step) // 60, 60))
+                step_time = (time.time() - update_start_time) / (global_step - first_update)
+                eta = "{}h{:02d}m".format(*divmod(int((args.total_timesteps - global_step) * step_time) // 60, 60))
             print(f"step={global_step}/{args.total_timesteps} SPS={sps} ETA={eta} last_return={last_return:.1f}")
             writer.add_scalar("charts/SPS", sps, global_step)
 

@@ -176,7 +176,7 @@ class VelocityField(nn.Module):
     """v(t, y, s, T): [s, y, emb(t), emb(T)] -> 256 -> 2 residual GELU blocks -> D (docs/rfm.md §8).
 
     The first layer W [s, y, emb(t), emb(T)] + b is computed as a sum of its four input blocks, so that the sampler
-    computes the state and temperature term once per state and the time term once per Euler step, not per particle.
+    computes the state and temperature term once per state and the time term once per step, not per particle.
     """
 
     def __init__(self, obs_dim, act_dim, hidden=256, emb_dim=128):
@@ -226,7 +226,7 @@ def integrate_flow(actor, obs, y, temperature, flow_steps, t_min):
 
 
 def sample_particles(actor, qf, obs, noise, args):
-    """N particles per state through the ODE, scored by the online min-Q. obs (B, obs), noise (B, N, D) -> y, q."""
+    """N particles per state through the policy's sampler, scored by the online min-Q. obs (B, obs), noise (B, N, D)."""
     B, N, D = noise.shape
     y = integrate_flow(actor, obs, noise, args.temperature, args.flow_steps, args.t_min)
     q = qf.min_q(obs[:, None].expand(-1, N, -1).reshape(B * N, -1), torch.tanh(y).reshape(B * N, D))
@@ -234,8 +234,8 @@ def sample_particles(actor, qf, obs, noise, args):
 
 
 def boltzmann_pick(y, q, temperature):
-    """One particle per state drawn from softmax_n(Q/T), no Jacobian term (docs/rfm.md §7.1). Gumbel-max,
-    argmax_n(Q_n/T + G_n) with G = -log E, E ~ Exp(1), rather than torch.multinomial: no host sync. Returns its latent."""
+    """One particle per state drawn from softmax_n(Q/T), no Jacobian term (docs/rfm.md §7.1), by Gumbel-max:
+    argmax_n(Q_n/T + G_n), G = -log E, E ~ Exp(1); unlike torch.multinomial, no host sync. Returns its latent."""
     idx = (q / temperature - torch.empty_like(q).exponential_().log()).argmax(1)
     return y[torch.arange(y.shape[0], device=y.device), idx]
 
@@ -266,7 +266,7 @@ def posterior_mean(q_fn, obs, y_t, t, num_samples, temperature, estimator, cv_ri
         sk = g + tk / (1 - tk) * y0k  # posterior score, zero posterior mean (docs/rfm.md §4)
         s_bar = (w * sk).sum(1)
     if estimator == "noise":
-        lam = torch.zeros_like(y_t)
+        lam = torch.zeros_like(y1k[:, 0])
     elif estimator == "gradient":
         lam = ((1 - t) / t).square().expand(B, D)
     elif estimator == "stein":  # variance-minimising per-dimension plug-in (docs/rfm.md §6)
@@ -416,14 +416,16 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM or SIGUSR1 after writing 
 
 def write_config(run_dir, args):
     """{run_dir}/config.json, atomically: this script, every flag, RESUMABLE, its checkout's commit (null if none)."""
-    git = functools.partial(subprocess.run, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = functools.partial(subprocess.run, cwd=here, capture_output=True, text=True)
     try:
         head = git(["git", "rev-parse", "HEAD"])
     except OSError:  # no git
         head = None
     commit = head.stdout.strip() if head and head.returncode == 0 else None
     dirty = bool(git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()) if commit else None
-    config = dict(script=os.path.basename(__file__), args=vars(args), resumable=sorted(RESUMABLE), commit=commit, dirty=dirty)
+    config = dict(script=os.path.basename(__file__), args=vars(args), resumable=sorted(RESUMABLE), commit=commit,
+                  dirty=dirty)  # fmt: skip
     os.makedirs(run_dir, exist_ok=True)
     with open(f"{run_dir}/config.json.tmp", "w") as f:
         json.dump(config, f, indent=2)
@@ -530,7 +532,9 @@ if __name__ == "__main__":
     # an episode returns the next episode's first observation (its last is in infos), so every step is a transition
     same_step = gym.vector.AutoresetMode.SAME_STEP
     video_training, video_eval = args.capture_video and not args.eval_only, args.capture_video and bool(args.eval_only)
-    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, args.seed, 0, video_training, run_name)], autoreset_mode=same_step)
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(args.env_id, args.seed, 0, video_training, run_name)], autoreset_mode=same_step
+    )
     eval_envs = gym.vector.SyncVectorEnv(
         [make_env(args.env_id, i, i, video_eval, run_name) for i in range(args.eval_episodes)], autoreset_mode=same_step
     )
@@ -626,8 +630,8 @@ if __name__ == "__main__":
             sps = int((global_step - start_step) / (time.time() - start_time))  # since this process started
             eta = "?"  # until updates have run: the random warm-up is far faster
             if global_step > first_update:
-                seconds_per_step = (time.time() - update_start_time) / (global_step - first_update)
-                eta = "{}h{:02d}m".format(*divmod(int((args.total_timesteps - global_step) * seconds_per_step) // 60, 60))
+                step_time = (time.time() - update_start_time) / (global_step - first_update)
+                eta = "{}h{:02d}m".format(*divmod(int((args.total_timesteps - global_step) * step_time) // 60, 60))
             print(f"step={global_step}/{args.total_timesteps} SPS={sps} ETA={eta} last_return={last_return:.1f}")
             writer.add_scalar("charts/SPS", sps, global_step)
 
