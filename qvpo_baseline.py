@@ -1,6 +1,5 @@
 # QVPO (Ding et al., NeurIPS 2024, arXiv 2405.16173) as wadx2019/qvpo runs it (--weighted --aug): docs/baselines.md §0-1
 import copy
-import functools
 import json
 import logging
 import math
@@ -93,7 +92,6 @@ def make_env(env_id, seed, idx, capture_video, run_name):
     return thunk
 
 
-# ALGO LOGIC: initialize agent here:
 Batch = NamedTuple("Batch", [(k, torch.Tensor) for k in ("obs", "actions", "rewards", "next_obs", "dones")])
 
 
@@ -114,8 +112,7 @@ class ReplayBuffer:
             self.ptr = (self.ptr + 1) % self.size
             self.full = self.full or self.ptr == 0
 
-    def sample(self, batch_size):
-        """Uniform with replacement: a Batch, rewards and dones of shape (B,)."""
+    def sample(self, batch_size):  # uniform, with replacement
         idx = torch.randint(0, self.size if self.full else self.ptr, (batch_size,), device=self.data.device)
         obs, actions, rewards, next_obs, dones = self.data[idx].split(self.fields, dim=1)
         return Batch(obs, actions, rewards[:, 0], next_obs, dones[:, 0])
@@ -369,17 +366,14 @@ def check_args(args):
 
 
 def check_env(env_id):
-    """Fail before training, in one line, on an id gymnasium cannot make or spaces the policy cannot drive."""
     try:
         env = make_env(env_id, 0, 0, False, "")()
     except (gym.error.Error, ImportError) as e:
         raise SystemExit(f"error: unknown env id {env_id!r}: {e}")
     obs_space, act_space = env.observation_space, env.action_space
     env.close()
-    if not isinstance(act_space, gym.spaces.Box):
-        raise SystemExit(f"error: {env_id} has a {type(act_space).__name__} action space; only continuous Box is supported")
-    if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
-        raise SystemExit(f"error: {env_id} has unbounded actions; the policy needs finite bounds to rescale [-1, 1]")
+    if not isinstance(act_space, gym.spaces.Box) or not np.isfinite([act_space.low, act_space.high]).all():
+        raise SystemExit(f"error: {env_id} actions are {act_space}; a Box with finite bounds is required")
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
         raise SystemExit(f"error: {env_id} observations are {obs_space}; a flat Box (or a Dict of them) is required")
 
@@ -390,18 +384,14 @@ RESUMABLE = {"total_timesteps", "eval_every", "eval_episodes", "checkpoint_every
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM or SIGUSR1 after writing the checkpoint; rerun with --resume
 
 
-def write_config(run_dir, args):
-    """{run_dir}/config.json, atomically: this script, every flag, RESUMABLE, its checkout's commit (null if none)."""
+def write_config(run_dir, args):  # atomically; commit and dirty are null outside a git checkout
+    git = "git rev-parse HEAD && git status --porcelain --untracked-files=no"
     here = os.path.dirname(os.path.abspath(__file__))
-    git = functools.partial(subprocess.run, cwd=here, capture_output=True, text=True)
-    try:
-        head = git(["git", "rev-parse", "HEAD"])
-    except OSError:  # no git
-        head = None
-    commit = head.stdout.strip() if head and head.returncode == 0 else None
-    dirty = bool(git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()) if commit else None
-    config = dict(script=os.path.basename(__file__), args=vars(args), resumable=sorted(RESUMABLE), commit=commit,
-                  dirty=dirty)  # fmt: skip
+    out = subprocess.run(git, shell=True, cwd=here, capture_output=True, text=True)
+    commit, *changed = out.stdout.splitlines() if out.returncode == 0 else [None]
+    config = dict(script=os.path.basename(__file__), args=vars(args),
+                  resumable=sorted(RESUMABLE), commit=commit,
+                  dirty=bool(changed) if commit else None)
     os.makedirs(run_dir, exist_ok=True)
     with open(f"{run_dir}/config.json.tmp", "w") as f:
         json.dump(config, f, indent=2)
@@ -456,8 +446,8 @@ def load_checkpoint(path, args):
 
 
 def restore_checkpoint(ckpt, stateful, envs, device):
-    """Load what save_checkpoint saved; replay the training env's last reset from its saved random state (exact if the
-    saved step ended an episode, else that episode starts over). Returns the observation, next step, last return."""
+    """Load what save_checkpoint saved; replay the env's last reset (exact if the saved step ended an episode, else
+    that episode starts over). Returns the observation, next step, last return."""
     for k, v in stateful.items():
         v.load_state_dict(ckpt[k])
     rng = ckpt["rng"]
@@ -486,7 +476,6 @@ if __name__ == "__main__":
     write_config(run_dir, args)
     if args.track:
         import wandb
-
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=run_name, save_code=True, id=run_name, resume="allow")  # fmt: skip
     writer = SummaryWriter(run_dir, purge_step=ckpt["global_step"] + 1 if args.resume else None)  # hides later steps
@@ -584,9 +573,7 @@ if __name__ == "__main__":
                 real_next_obs[i] = infos["final_obs"][i]
         dones = terminations | truncations if args.timeout_as_terminal else terminations  # official: timeouts terminal
         rb.add(obs, real_next_obs, norm_actions, rewards, dones)
-
-        # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
-        obs = next_obs
+        obs = next_obs  # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
 
         # ALGO LOGIC: training.
         if global_step >= args.learning_starts:
@@ -632,13 +619,12 @@ if __name__ == "__main__":
     if args.save_model:
         model_path = f"{run_dir}/{args.exp_name}.pt"
         torch.save({"actor": actor.state_dict(), "qf": qf.state_dict(), "args": vars(args)}, model_path)
-        print(f"model saved to {model_path}")
         saved = torch.load(model_path, map_location=device, weights_only=True)
         actor.load_state_dict(saved["actor"])
         qf.load_state_dict(saved["qf"])
         eval_return = evaluate(policy_eval, eval_envs, action_scale, action_bias, device)
         writer.add_scalar("eval/saved_model_episodic_return", eval_return, args.total_timesteps)
-        print(f"saved model eval return={eval_return:.2f}")
+        print(f"model saved to {model_path}; reloaded, its eval return={eval_return:.2f}")
 
     envs.close()
     eval_envs.close()
