@@ -454,8 +454,7 @@ def set_rng_state(rng, state):
         rng.set_state(state)
 
 
-class RecordResetRNG(gym.Wrapper):
-    """Keeps the env's random state at the start of its last reset, and that reset's seed, for --resume to replay it."""
+class RecordResetRNG(gym.Wrapper):  # the env's random state and seed at its last reset, for --resume to replay
 
     def reset(self, *, seed=None, options=None):
         self.last_reset = rng_state(self.np_random), seed
@@ -490,8 +489,7 @@ def load_checkpoint(path, args):
 
 
 def restore_checkpoint(ckpt, stateful, envs, device):
-    """Load what save_checkpoint saved; replay the env's last reset (exact if the saved step ended an episode, else
-    that episode starts over). Returns the observation, next step, last return."""
+    """Load all, replay the env's last reset (an unfinished episode starts over); -> obs, next step, last return."""
     for k, v in stateful.items():
         v.load_state_dict(ckpt[k])
     rng = ckpt["rng"]
@@ -541,12 +539,10 @@ if __name__ == "__main__":
     # an episode returns the next episode's first observation (its last is in infos), so every step is a transition
     same_step = gym.vector.AutoresetMode.SAME_STEP
     video_training, video_eval = args.capture_video and not args.eval_only, args.capture_video and bool(args.eval_only)
-    envs = gym.vector.SyncVectorEnv(
-        [make_env(args.env_id, args.seed, 0, video_training, run_name)], autoreset_mode=same_step
-    )
-    eval_envs = gym.vector.SyncVectorEnv(
-        [make_env(args.env_id, i, i, video_eval, run_name) for i in range(args.eval_episodes)], autoreset_mode=same_step
-    )
+    train_env = make_env(args.env_id, args.seed, 0, video_training, run_name)
+    envs = gym.vector.SyncVectorEnv([train_env], autoreset_mode=same_step)
+    eval_env_fns = [make_env(args.env_id, i, i, video_eval, run_name) for i in range(args.eval_episodes)]
+    eval_envs = gym.vector.SyncVectorEnv(eval_env_fns, autoreset_mode=same_step)
     obs_dim = int(np.prod(envs.single_observation_space.shape))
     act_dim = int(np.prod(envs.single_action_space.shape))
     low, high = envs.single_action_space.low, envs.single_action_space.high
