@@ -436,7 +436,6 @@ def set_rng_state(rng, state):
 
 
 class RecordResetRNG(gym.Wrapper):  # the env's random state and seed at its last reset, for --resume to replay
-
     def reset(self, *, seed=None, options=None):
         self.last_reset = rng_state(self.np_random), seed
         return super().reset(seed=seed, options=options)
