@@ -342,7 +342,6 @@ def evaluate(policy, envs, action_scale, action_bias, device):
 # Plumbing, not part of the algorithm: input checks, run config, checkpoints, resume, preemption
 # ======================================================================================================================
 # input checks: one `error:` line and exit 1 before training, never a silent wrong run
-# input checks: one `error:` line and exit 1 before training, never a silent wrong run
 def check_args(args):
     at_least = {1: ["total_timesteps", "buffer_size", "batch_size", "eval_every", "eval_episodes", "diffusion_steps",
                     "hidden_layers"],
