@@ -422,10 +422,10 @@ def check_env(env_id):
         raise SystemExit(f"error: {env_id} observations are {obs_space}; a flat Box (or a Dict of them) is required")
 
 
-# flags that may change on --resume and --eval-only, as they leave the algorithm as it was; all others must match
+# the flags that may change on --resume and --eval-only: they leave the algorithm as it was
 RESUMABLE = {"total_timesteps", "eval_every", "eval_episodes", "checkpoint_every", "resume", "eval_only", "save_model",
              "capture_video", "track", "wandb_project_name", "wandb_entity", "cuda", "compile", "torch_deterministic"}
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM or SIGUSR1 after writing the checkpoint; rerun with --resume
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: SIGTERM or SIGUSR1 stopped the run after a checkpoint
 
 
 def write_config(run_dir, args):  # atomically; commit and dirty are null outside a git checkout
@@ -461,7 +461,7 @@ class RecordResetRNG(gym.Wrapper):  # the env's random state and seed at its las
 
 
 def save_checkpoint(path, stateful, envs, **loop_state):
-    """Atomically (a crash mid-write keeps the last file): the state dicts, every random stream, the loop's state."""
+    """Atomically (a crash mid-write keeps the last file): state dicts, random streams, loop state."""
     rng = {"python": random.getstate(), "numpy": rng_state(np.random), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
            "action_space": rng_state(envs.single_action_space.np_random),
@@ -574,14 +574,14 @@ if __name__ == "__main__":
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: preempted.append(signum))
     loss_names = ["losses/qf1_loss", "losses/qf2_loss", "losses/actor_loss"]
-    first_bad_step = torch.full((len(loss_names),), -1, device=device)  # read at the logging cadence: no sync per step
+    first_bad_step = torch.full((len(loss_names),), -1, device=device)  # read every 100 steps: no sync per step
 
     # TRY NOT TO MODIFY: start the game
     obs, _ = envs.reset(seed=args.seed)
     start_step, last_return = 0, math.nan
     if args.resume:
         obs, start_step, last_return = restore_checkpoint(ckpt, stateful, envs, device)
-    first_update = max(start_step, args.learning_starts)  # of this process: the ETA is estimated from the updates
+    first_update = max(start_step, args.learning_starts)  # the ETA times this process's updates
     start_time = time.time()
     for global_step in range(start_step, args.total_timesteps):
         # ALGO LOGIC: put action logic here
@@ -620,7 +620,7 @@ if __name__ == "__main__":
             first_bad_step = torch.where(finite | (first_bad_step >= 0), first_bad_step, global_step)
         last_step = global_step + 1 == args.total_timesteps
         save = last_step or preempted or (global_step + 1) % (args.checkpoint_every or args.eval_every) == 0
-        if global_step % 100 == 0 or save:  # a NaN loss stops the run (unsaved), naming the first step it appeared at
+        if global_step % 100 == 0 or save:  # a NaN loss stops the run, unsaved, naming its first step
             bad = [(s, k) for s, k in zip(first_bad_step.tolist(), loss_names) if s >= 0]
             if bad:
                 raise SystemExit(f"error: non-finite {', '.join(k for _, k in bad)} at step {min(bad)[0]}")
