@@ -1,14 +1,17 @@
 # QVPO (Ding et al., NeurIPS 2024, arXiv 2405.16173) as wadx2019/qvpo runs it (--weighted --aug): docs/baselines.md §0-1
 import copy
+import json
 import logging
 import math
 import os
 import random
 import signal
+import subprocess
 import time
 import warnings
-import zipfile
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -39,8 +42,7 @@ class Args:
     compile: bool = False  # if toggled, the DDPM sampler is compiled with torch.compile
     checkpoint_every: int = 0  # steps between runs/{run_name}/checkpoint.pt writes (0: --eval-every); also at the end
     resume: str | None = None  # continue the run of this checkpoint.pt (or run dir holding it), given the same flags
-    eval_only: bool = False  # no training: evaluate the --load-model weights once, logged in a new run dir
-    load_model: str | None = None  # checkpoint.pt or --save-model file to evaluate with --eval-only
+    eval_only: str | None = None  # no training: evaluate this checkpoint.pt or --save-model file once, in a new run dir
 
     # Algorithm specific arguments
     env_id: str = "dm_control/cheetah-run-v0"  # gymnasium id, `dm_control/<domain>-<task>-v0`, or `module:Env-v0`
@@ -83,34 +85,37 @@ def make_env(env_id, seed, idx, capture_video, run_name):
             env = gym.make(env_id)
         if isinstance(env.observation_space, gym.spaces.Dict):  # DeepMind Control via shimmy
             env = gym.wrappers.FlattenObservation(env)
-        env = gym.wrappers.RecordEpisodeStatistics(env)
+        env = RecordResetRNG(gym.wrappers.RecordEpisodeStatistics(env))
         env.action_space.seed(seed)
         return env
 
     return thunk
 
 
-# ALGO LOGIC: initialize agent here:
+Batch = NamedTuple("Batch", [(k, torch.Tensor) for k in ("obs", "actions", "rewards", "next_obs", "dones")])
+
+
 class ReplayBuffer:
-    """Ring buffer of transitions (s, a in [-1, 1], r, s', terminated), one row each, on the training device."""
+    """Ring buffer of transitions (s, a in [-1, 1], r, s', done), one row each, on the training device. Done: the
+    episode ended in a terminal state (a time limit is not one)."""
 
     def __init__(self, size, obs_dim, act_dim, device):
         self.size, self.ptr, self.full = size, 0, False
         self.fields = [obs_dim, act_dim, 1, obs_dim, 1]
         self.data = torch.zeros(size, sum(self.fields), device=device)
 
-    def add(self, obs, next_obs, actions, rewards, terminations):
+    def add(self, obs, next_obs, actions, rewards, dones):
         """numpy arrays, one row per env: one host-to-device copy, then row writes."""
-        rows = np.concatenate([obs, actions, rewards[:, None], next_obs, terminations[:, None]], 1, dtype=np.float32)
+        rows = np.concatenate([obs, actions, rewards[:, None], next_obs, dones[:, None]], 1, dtype=np.float32)
         for row in torch.as_tensor(rows, device=self.data.device):
             self.data[self.ptr] = row
             self.ptr = (self.ptr + 1) % self.size
             self.full = self.full or self.ptr == 0
 
-    def sample(self, batch_size):
-        """Uniform with replacement: (obs, actions, rewards, next_obs, dones)."""
+    def sample(self, batch_size):  # uniform, with replacement
         idx = torch.randint(0, self.size if self.full else self.ptr, (batch_size,), device=self.data.device)
-        return self.data[idx].split(self.fields, dim=1)
+        obs, actions, rewards, next_obs, dones = self.data[idx].split(self.fields, dim=1)
+        return Batch(obs, actions, rewards[:, 0], next_obs, dones[:, 0])
 
     def state_dict(self):  # the filled rows, copied (a saved view would save the whole buffer)
         return {"rows": self.data[: self.size if self.full else self.ptr].clone(), "ptr": self.ptr, "full": self.full}
@@ -269,34 +274,35 @@ def soft_update(target, online, tau):
             tp.lerp_(p, tau)
 
 
-def update(batch, policy_obs, actor, actor_target, qf, qf_target, actor_optimizer, q_optimizer, entropy_alpha, args,
-           sample=ddpm_sample):  # fmt: skip
+def update(agent, batch, policy_obs, entropy_alpha, args, sample=ddpm_sample):
     """One QVPO iteration (docs/baselines.md §1.2): critic on batch, then the policy on the states of a second,
-    independent batch; `sample` is ddpm_sample or its compiled version. Returns device tensors of diagnostics."""
+    independent batch; agent holds the networks and optimizers, `sample` is ddpm_sample or its compiled version.
+    Returns device tensors of diagnostics."""
+    actor, actor_target, qf, qf_target = agent.actor, agent.actor_target, agent.qf, agent.qf_target
     obs, actions, rewards, next_obs, dones = batch
     # critic target: best of K_t target-actor samples under the target min-Q
     with torch.no_grad():
         _, next_q = best_of_k(actor_target, qf_target, next_obs, args.target_samples, sample)
-        target_q = rewards.flatten() + (1 - dones.flatten()) * args.gamma * next_q.max(1).values  # no entropy term
+        target_q = rewards + (1 - dones) * args.gamma * next_q.max(1).values  # no entropy term
 
     # critic: the gradient is that of MSE(Q1, y) + MSE(Q2, y); qf_loss logs their mean as CleanRL does
     qs = qf(obs, actions)
     qf1_loss, qf2_loss = F.mse_loss(qs[0], target_q), F.mse_loss(qs[1], target_q)
     qf_loss = (qf1_loss + qf2_loss) / 2
-    q_optimizer.zero_grad()
-    (qf1_loss + qf2_loss).backward()
+    agent.q_optimizer.zero_grad()
+    (qf1_loss + qf2_loss).backward()  # the sum: each member gets the gradient of its own loss, unscaled
     nn.utils.clip_grad_norm_(qf.parameters(), args.max_grad_norm)
-    q_optimizer.step()
+    agent.q_optimizer.step()
 
     # policy: best of N_d current-actor samples under the just-updated critic, qadv-weighted, plus the entropy rows
     best, q = best_of_k(actor, qf, policy_obs, args.num_action_samples, sample)
     weight = qadv_weight(q)
     rows = policy_rows(policy_obs, best, weight, args.num_entropy_samples, entropy_alpha)
     actor_loss = weighted_eps_loss(actor, *rows)
-    actor_optimizer.zero_grad()
+    agent.actor_optimizer.zero_grad()
     actor_loss.backward()
     nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
-    actor_optimizer.step()
+    agent.actor_optimizer.step()
 
     # update the target networks
     soft_update(qf_target, qf, args.tau)
@@ -332,6 +338,9 @@ def evaluate(policy, envs, action_scale, action_bias, device):
     return float(returns.mean())
 
 
+# ======================================================================================================================
+# Plumbing, not part of the algorithm: --compile set-up, input checks, run config, checkpoints, resume, preemption
+# ======================================================================================================================
 def compiled(fn, device):
     """fn under torch.compile, as --compile runs it (docs/speed.md): static shapes, matmuls autotuned (inductor's own
     GEMM kernels may fuse bias and activation), random draws from torch's generator as in eager; on CUDA with CUDA
@@ -344,62 +353,63 @@ def compiled(fn, device):
 
 # input checks: one `error:` line and exit 1 before training, never a silent wrong run
 def check_args(args):
-    problems = [msg for bad, msg in [
-        (args.total_timesteps < 1, "--total-timesteps must be >= 1"),
-        (args.buffer_size < 1, "--buffer-size must be >= 1"),
-        (args.batch_size < 1, "--batch-size must be >= 1"),
-        (args.learning_starts < 0, "--learning-starts must be >= 0"),
-        (args.eval_every < 1, "--eval-every must be >= 1"),
-        (args.eval_episodes < 1, "--eval-episodes must be >= 1"),
-        (args.checkpoint_every < 0, "--checkpoint-every must be >= 0"),
-        (args.eval_only != (args.load_model is not None) or args.eval_only and args.resume is not None,
-         "--eval-only goes with --load-model PATH (and without --resume)"),
+    at_least = {1: ["total_timesteps", "buffer_size", "batch_size", "eval_every", "eval_episodes", "diffusion_steps",
+                    "hidden_layers"],
+                0: ["learning_starts", "checkpoint_every", "num_entropy_samples", "entropy_alpha",
+                    "entropy_alpha_min"]}  # fmt: skip
+    problems = [f"--{k.replace('_', '-')} must be >= {bound}" for bound, keys in at_least.items() for k in keys
+                if not getattr(args, k) >= bound]  # fmt: skip
+    problems += [msg for bad, msg in [
+        (args.eval_only is not None and args.resume is not None, "--eval-only PATH and --resume exclude each other"),
         (not 0.0 <= args.gamma <= 1.0, "--gamma must be in [0, 1]"),
         (not 0.0 < args.tau <= 1.0, "--tau must be in (0, 1]"),
         (args.policy_lr <= 0 or args.q_lr <= 0, "--policy-lr and --q-lr must be > 0"),
         (args.max_grad_norm <= 0, "--max-grad-norm must be > 0"),
-        (args.diffusion_steps < 1, "--diffusion-steps must be >= 1"),
-        (args.hidden_layers < 1, "--hidden-layers must be >= 1"),
         (args.time_dim < 4 or args.time_dim % 2, "--time-dim must be even and >= 4"),
         (not args.adam_eps > 0, "--adam-eps must be > 0"),
         (min(args.num_action_samples, args.behavior_samples, args.target_samples, args.eval_samples) < 1,
          "--num-action-samples, --behavior-samples, --target-samples and --eval-samples must be >= 1"),
-        (args.num_entropy_samples < 0, "--num-entropy-samples must be >= 0"),
-        (not args.entropy_alpha >= 0, "--entropy-alpha must be >= 0"),
-        (not args.entropy_alpha_min >= 0, "--entropy-alpha-min must be >= 0"),
         ] if bad]  # fmt: skip
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 
 
 def check_env(env_id):
-    """Fail before training, in one line, on an id gymnasium cannot make or spaces the policy cannot drive."""
     try:
         env = make_env(env_id, 0, 0, False, "")()
     except (gym.error.Error, ImportError) as e:
         raise SystemExit(f"error: unknown env id {env_id!r}: {e}")
     obs_space, act_space = env.observation_space, env.action_space
     env.close()
-    if not isinstance(act_space, gym.spaces.Box):
-        raise SystemExit(f"error: {env_id} has a {type(act_space).__name__} action space; only continuous Box is supported")
-    if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
-        raise SystemExit(f"error: {env_id} has unbounded actions; the policy needs finite bounds to rescale [-1, 1]")
+    if not isinstance(act_space, gym.spaces.Box) or not np.isfinite([act_space.low, act_space.high]).all():
+        raise SystemExit(f"error: {env_id} actions are {act_space}; a Box with finite bounds is required")
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
         raise SystemExit(f"error: {env_id} observations are {obs_space}; a flat Box (or a Dict of them) is required")
 
 
-# flags that may change on --resume and --eval-only, as they leave the algorithm as it was; all others must match
-RESUMABLE = {"total_timesteps", "eval_every", "eval_episodes", "checkpoint_every", "resume", "eval_only", "load_model",
-             "save_model", "capture_video", "track", "wandb_project_name", "wandb_entity", "cuda", "compile",
-             "torch_deterministic"}  # fmt: skip
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM or SIGUSR1 after writing the checkpoint; rerun with --resume
-# what weights_only loading must accept beyond tensors and plain data: the uint32 arrays of numpy's MT19937 states
-NUMPY_ARRAYS = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+# the flags that may change on --resume and --eval-only: they leave the algorithm as it was
+RESUMABLE = {"total_timesteps", "eval_every", "eval_episodes", "checkpoint_every", "resume", "eval_only", "save_model",
+             "capture_video", "track", "wandb_project_name", "wandb_entity", "cuda", "compile", "torch_deterministic"}
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: SIGTERM or SIGUSR1 stopped the run after a checkpoint
 
 
-def rng_state(rng):
-    """The state of a numpy Generator, or of a RandomState (shimmy's dm_control envs have one) or of np.random."""
-    return rng.bit_generator.state if isinstance(rng, np.random.Generator) else rng.get_state(legacy=False)
+def write_config(run_dir, args):  # atomically; commit and dirty are null outside a git checkout
+    git = "git rev-parse HEAD && git status --porcelain --untracked-files=no"
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(git, shell=True, cwd=here, capture_output=True, text=True)
+    commit, *changed = out.stdout.splitlines() if out.returncode == 0 else [None]
+    config = dict(script=os.path.basename(__file__), args=vars(args),
+                  resumable=sorted(RESUMABLE), commit=commit,
+                  dirty=bool(changed) if commit else None)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(f"{run_dir}/config.json.tmp", "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(f"{run_dir}/config.json.tmp", f"{run_dir}/config.json")
+
+
+def rng_state(rng):  # of a numpy Generator, or of a RandomState (np.random, dm_control's envs), as plain data
+    state = rng.bit_generator.state if isinstance(rng, np.random.Generator) else rng.get_state(legacy=False)
+    return {**state, "state": {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in state["state"].items()}}
 
 
 def set_rng_state(rng, state):
@@ -409,44 +419,41 @@ def set_rng_state(rng, state):
         rng.set_state(state)
 
 
-def save_checkpoint(path, stateful, envs, **state):
-    """Atomically (a crash mid-write keeps the last file): the state dicts, every random stream, the loop's state."""
+class RecordResetRNG(gym.Wrapper):  # the env's random state and seed at its last reset, for --resume to replay
+    def reset(self, *, seed=None, options=None):
+        self.last_reset = rng_state(self.np_random), seed
+        return super().reset(seed=seed, options=options)
+
+
+def save_checkpoint(path, stateful, envs, **loop_state):
+    """Atomically (a crash mid-write keeps the last file): state dicts, random streams, loop state."""
     rng = {"python": random.getstate(), "numpy": rng_state(np.random), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-           "action_space": rng_state(envs.single_action_space.np_random)}  # fmt: skip
-    states = {k: v.state_dict() for k, v in stateful.items()}
-    torch.save({"script": os.path.basename(__file__), **states, "rng": rng, **state}, f"{path}.tmp")
+           "action_space": rng_state(envs.single_action_space.np_random),
+           "env_resets": [env.last_reset for env in envs.envs]}  # fmt: skip
+    torch.save({**{k: v.state_dict() for k, v in stateful.items()}, "rng": rng, **loop_state}, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path, args):
-    """The checkpoint at path (or path/checkpoint.pt) or a --save-model file; one `error:` line, before anything is
-    written, if it is unreadable, another script's, or made with other flags than args (those in RESUMABLE aside)."""
-    path, script = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path, os.path.basename(__file__)
+    """The checkpoint at path (or path/checkpoint.pt) or a --save-model file, and its path; else one `error:` line."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     try:
-        with zipfile.ZipFile(path) as archive:  # torch.load would read damaged data without noticing
-            if (damaged := archive.testzip()) is not None:
-                raise ValueError(f"{damaged} fails its CRC check")
-        with torch.serialization.safe_globals(NUMPY_ARRAYS):  # weights_only: never code
-            ckpt = torch.load(path, map_location="cpu")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data, never code
         changed = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} -> {v}" for k, v in vars(args).items()
                    if k not in RESUMABLE and ckpt["args"].get(k) != v]  # fmt: skip
     except Exception as e:  # missing, truncated, not a checkpoint
         raise SystemExit(f"error: cannot load {path}: {type(e).__name__}: {str(e).partition(chr(10))[0]}")
-    if ckpt.get("script", script) != script:
-        raise SystemExit(f"error: {path} is a checkpoint of {ckpt['script']}, not of {script}")
-    if changed:
-        raise SystemExit(f"error: {path} was made with other flags: {', '.join(changed)} (only --total-timesteps and "
-                         "the evaluation, checkpoint, logging and device flags may change)")  # fmt: skip
+    if changed:  # so is another script's checkpoint: its flags differ, --exp-name at least
+        raise SystemExit(f"error: {path} was made with other flags or by another script: {', '.join(changed)} (only "
+                         "--total-timesteps and the evaluation, checkpoint, logging and device flags may change)")
     if args.resume and not ckpt.get("global_step", math.inf) <= args.total_timesteps:  # a --save-model file has none
         raise SystemExit(f"error: --resume needs a checkpoint.pt from at most --total-timesteps {args.total_timesteps}")
-    return {**ckpt, "path": path}
+    return ckpt, path
 
 
 def restore_checkpoint(ckpt, stateful, envs, device):
-    """Load what save_checkpoint saved, replay the reset that began the training episode in progress (exact if the saved
-    step ended an episode, as on bandits, and the env resets from its np_random, as gymnasium's MuJoCo envs do but not
-    dm_control's; else that episode restarts). Returns the observation, the next step and the last training return."""
+    """Load all, replay the env's last reset (an unfinished episode starts over); -> obs, next step, last return."""
     for k, v in stateful.items():
         v.load_state_dict(ckpt[k])
     rng = ckpt["rng"]
@@ -456,22 +463,25 @@ def restore_checkpoint(ckpt, stateful, envs, device):
     if device.type == "cuda" and rng["cuda"] is not None:
         torch.cuda.set_rng_state_all(rng["cuda"])
     set_rng_state(envs.single_action_space.np_random, rng["action_space"])
-    for env, state in zip(envs.envs, ckpt["env_rng"]):
+    for env, (state, _) in zip(envs.envs, rng["env_resets"]):
         set_rng_state(env.np_random, state)
-    return envs.reset()[0], ckpt["global_step"], ckpt["last_return"]
+    return envs.reset(seed=[seed for _, seed in rng["env_resets"]])[0], ckpt["global_step"], ckpt["last_return"]
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
-    ckpt = load_checkpoint(path, args) if (path := args.resume or args.load_model) else None
+    if args.resume or args.eval_only:
+        ckpt, ckpt_path = load_checkpoint(args.resume or args.eval_only, args)
     check_env(args.env_id)
     run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = ckpt["run_name"] if args.resume else f"eval__{run_name}" if args.eval_only else run_name
-    run_dir = os.path.dirname(ckpt["path"]) if args.resume else f"runs/{run_name}"
+    run_dir = f"runs/eval__{run_name}" if args.eval_only else f"runs/{run_name}"
+    if args.resume:  # the stopped run's folder, whose name is the run's name
+        run_dir = os.path.dirname(os.path.abspath(ckpt_path))
+    run_name = os.path.basename(run_dir)
+    write_config(run_dir, args)
     if args.track:
         import wandb
-
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=run_name, save_code=True, id=run_name, resume="allow")  # fmt: skip
     writer = SummaryWriter(run_dir, purge_step=ckpt["global_step"] + 1 if args.resume else None)  # hides later steps
@@ -488,13 +498,14 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True  # CUDA only; the official code's GPUs run TF32 by default too
 
-    # env setup: one training env; evaluation envs seeded 0..eval_episodes-1
+    # env setup: one training env; evaluation envs seeded 0..eval_episodes-1. SAME_STEP autoreset: the step that ends
+    # an episode returns the next episode's first observation (its last is in infos), so every step is a transition
     same_step = gym.vector.AutoresetMode.SAME_STEP
-    video = [args.capture_video and not args.eval_only, args.capture_video and args.eval_only]  # training, eval env 0
-    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, args.seed, 0, video[0], run_name)], autoreset_mode=same_step)
-    eval_envs = gym.vector.SyncVectorEnv(
-        [make_env(args.env_id, i, i, video[1], run_name) for i in range(args.eval_episodes)], autoreset_mode=same_step
-    )
+    video_training, video_eval = args.capture_video and not args.eval_only, args.capture_video and bool(args.eval_only)
+    train_env = make_env(args.env_id, args.seed, 0, video_training, run_name)
+    envs = gym.vector.SyncVectorEnv([train_env], autoreset_mode=same_step)
+    eval_env_fns = [make_env(args.env_id, i, i, video_eval, run_name) for i in range(args.eval_episodes)]
+    eval_envs = gym.vector.SyncVectorEnv(eval_env_fns, autoreset_mode=same_step)
     obs_dim = int(np.prod(envs.single_observation_space.shape))
     act_dim = int(np.prod(envs.single_action_space.shape))
     low, high = envs.single_action_space.low, envs.single_action_space.high
@@ -508,8 +519,9 @@ if __name__ == "__main__":
     actor_optimizer = optim.Adam(actor.parameters(), lr=args.policy_lr, eps=args.adam_eps)
     q_optimizer = optim.Adam(qf.parameters(), lr=args.q_lr, eps=args.adam_eps)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
-    stateful = dict(actor=actor, actor_target=actor_target, qf=qf, qf_target=qf_target, actor_optimizer=actor_optimizer,
-                    q_optimizer=q_optimizer, rb=rb)  # all a checkpoint restores
+    agent = SimpleNamespace(actor=actor, actor_target=actor_target, qf=qf, qf_target=qf_target,
+                            actor_optimizer=actor_optimizer, q_optimizer=q_optimizer)
+    stateful = dict(vars(agent), rb=rb)  # all a checkpoint restores
     # the DDPM chains are most of an update and of every action; compiling fuses their elementwise work
     sample = compiled(ddpm_sample, device) if args.compile else ddpm_sample
     policy_eval = lambda o: act_eval(actor, qf, o, args, sample)  # noqa: E731  (obs -> evaluation action)
@@ -528,13 +540,16 @@ if __name__ == "__main__":
     preempted = []  # signals received: finish the step, write the checkpoint, exit PREEMPTED_EXIT
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: preempted.append(signum))
-    start_time = time.time()
     loss_names = ["losses/qf1_loss", "losses/qf2_loss", "losses/actor_loss"]
-    first_bad_step = torch.full((len(loss_names),), -1, device=device)  # read at the logging cadence: no sync per step
+    first_bad_step = torch.full((len(loss_names),), -1, device=device)  # read every 100 steps: no sync per step
 
     # TRY NOT TO MODIFY: start the game
     obs, _ = envs.reset(seed=args.seed)
-    obs, start_step, last_return = restore_checkpoint(ckpt, stateful, envs, device) if ckpt else (obs, 0, math.nan)
+    start_step, last_return = 0, math.nan
+    if args.resume:
+        obs, start_step, last_return = restore_checkpoint(ckpt, stateful, envs, device)
+    first_update = max(start_step, args.learning_starts)  # the ETA times this process's updates
+    start_time = time.time()
     for global_step in range(start_step, args.total_timesteps):
         # ALGO LOGIC: put action logic here
         if global_step < args.learning_starts:
@@ -542,19 +557,18 @@ if __name__ == "__main__":
             norm_actions = (actions - action_bias) / action_scale
         else:
             with torch.no_grad():
-                norm = act(actor, qf, torch.as_tensor(obs, dtype=torch.float32, device=device), args, sample)
-            norm_actions = norm.cpu().numpy()  # the step's one device-to-host copy
+                action = act(actor, qf, torch.as_tensor(obs, dtype=torch.float32, device=device), args, sample)
+            norm_actions = action.cpu().numpy()  # the step's one device-to-host copy
             actions = (norm_actions * action_scale + action_bias).astype(envs.single_action_space.dtype)
 
         # TRY NOT TO MODIFY: execute the game and log data.
-        env_rng = [rng_state(env.np_random) for env in envs.envs]  # before an autoreset: --resume replays it
         next_obs, rewards, terminations, truncations, infos = envs.step(actions)
         if "final_info" in infos:
-            fi = infos["final_info"]
-            for i in np.flatnonzero(fi.get("_episode", [])):
-                last_return = float(fi["episode"]["r"][i])
+            final_info = infos["final_info"]
+            for i in np.flatnonzero(final_info.get("_episode", [])):
+                last_return = float(final_info["episode"]["r"][i])
                 writer.add_scalar("charts/episodic_return", last_return, global_step)
-                writer.add_scalar("charts/episodic_length", fi["episode"]["l"][i], global_step)
+                writer.add_scalar("charts/episodic_length", final_info["episode"]["l"][i], global_step)
 
         # TRY NOT TO MODIFY: save data to replay buffer; handle `final_obs`; truncation is not termination
         real_next_obs = next_obs.copy()
@@ -563,22 +577,21 @@ if __name__ == "__main__":
                 real_next_obs[i] = infos["final_obs"][i]
         dones = terminations | truncations if args.timeout_as_terminal else terminations  # official: timeouts terminal
         rb.add(obs, real_next_obs, norm_actions, rewards, dones)
-
-        # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
-        obs = next_obs
+        obs = next_obs  # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
 
         # ALGO LOGIC: training.
         if global_step >= args.learning_starts:
+            if global_step == first_update:
+                update_start_time = time.time()
             alpha = entropy_coef(global_step, args.total_timesteps, args.entropy_alpha, args.entropy_alpha_min)
             batch = rb.sample(args.batch_size)
-            policy_obs = batch[0] if args.shared_batch else rb.sample(args.batch_size)[0]  # two independent batches
-            logs = update(batch, policy_obs, actor, actor_target, qf, qf_target, actor_optimizer, q_optimizer, alpha,
-                          args, sample)  # fmt: skip
+            policy_obs = batch.obs if args.shared_batch else rb.sample(args.batch_size).obs  # two independent batches
+            logs = update(agent, batch, policy_obs, alpha, args, sample)
             finite = torch.isfinite(torch.stack([logs[k] for k in loss_names]))
             first_bad_step = torch.where(finite | (first_bad_step >= 0), first_bad_step, global_step)
         last_step = global_step + 1 == args.total_timesteps
         save = last_step or preempted or (global_step + 1) % (args.checkpoint_every or args.eval_every) == 0
-        if global_step % 100 == 0 or save:  # a NaN loss stops the run (unsaved), naming the first step it appeared at
+        if global_step % 100 == 0 or save:  # a NaN loss stops the run, unsaved, naming its first step
             bad = [(s, k) for s, k in zip(first_bad_step.tolist(), loss_names) if s >= 0]
             if bad:
                 raise SystemExit(f"error: non-finite {', '.join(k for _, k in bad)} at step {min(bad)[0]}")
@@ -588,7 +601,10 @@ if __name__ == "__main__":
                     writer.add_scalar(k, v.item(), global_step)
                 writer.add_scalar("qvpo/entropy_alpha", alpha, global_step)
             sps = int((global_step - start_step) / (time.time() - start_time))  # since this process started
-            eta = "{}h{:02d}m".format(*divmod((args.total_timesteps - global_step) // sps // 60, 60)) if sps else "?"
+            eta = "?"  # until updates have run: the random warm-up is far faster
+            if global_step > first_update:
+                step_time = (time.time() - update_start_time) / (global_step - first_update)
+                eta = "{}h{:02d}m".format(*divmod(int((args.total_timesteps - global_step) * step_time) // 60, 60))
             print(f"step={global_step}/{args.total_timesteps} SPS={sps} ETA={eta} last_return={last_return:.1f}")
             writer.add_scalar("charts/SPS", sps, global_step)
 
@@ -597,8 +613,8 @@ if __name__ == "__main__":
             writer.add_scalar("eval/episodic_return", eval_return, global_step + 1)
             print(f"eval step={global_step + 1} return={eval_return:.2f}")
         if save:
-            save_checkpoint(f"{run_dir}/checkpoint.pt", stateful, envs, args=vars(args), run_name=run_name,
-                            global_step=global_step + 1, env_rng=env_rng, last_return=last_return)  # fmt: skip
+            save_checkpoint(f"{run_dir}/checkpoint.pt", stateful, envs, args=vars(args), global_step=global_step + 1,
+                            last_return=last_return)  # fmt: skip
             if preempted:  # tested only after a checkpoint: a signal may come at any line
                 print(f"preempted at step {global_step + 1}: checkpoint in {run_dir}, continue with --resume {run_dir}")
                 writer.close()
@@ -607,13 +623,12 @@ if __name__ == "__main__":
     if args.save_model:
         model_path = f"{run_dir}/{args.exp_name}.pt"
         torch.save({"actor": actor.state_dict(), "qf": qf.state_dict(), "args": vars(args)}, model_path)
-        print(f"model saved to {model_path}")
-        saved = torch.load(model_path, map_location=device)
+        saved = torch.load(model_path, map_location=device, weights_only=True)
         actor.load_state_dict(saved["actor"])
         qf.load_state_dict(saved["qf"])
         eval_return = evaluate(policy_eval, eval_envs, action_scale, action_bias, device)
         writer.add_scalar("eval/saved_model_episodic_return", eval_return, args.total_timesteps)
-        print(f"saved model eval return={eval_return:.2f}")
+        print(f"model saved to {model_path}; reloaded, its eval return={eval_return:.2f}")
 
     envs.close()
     eval_envs.close()

@@ -1,17 +1,32 @@
 # Reverse Flow Matching (Li, Tang, Azizan, ICML 2026, arXiv 2601.08136) with a flow policy; math: docs/rfm.md
+#
+# Per env step after warm-up (docs/rfm.md §7.4; `update` below, line by line):
+#   a = tanh(boltzmann_pick(ode(s_env, N=32)))                 act; store (s, a, r, s', done)
+#   s, a, r, done, s2 = rb.sample(256)
+#   y1, y2 = boltzmann_pick(ode([s, s2], N=32))                 particles scored by the pre-update min-Q
+#   critic step on r + γ (1 - done) min Q̄(s2, tanh y2)          per-member MSE, per-member clip
+#   t ~ U[.01, .99];  y0 ~ N(0, I);  yt = t y1 + (1 - t) y0
+#   y0k ~ N[B,K,D];  y1k = (yt - (1 - t) y0k)/t;  q = minQ(s, tanh y1k), ∇q wrt y1k   (updated critic)
+#   w = softmax_k(q/T + Σ_i log sech² y1k)
+#   g = ∇q/T - 2 tanh y1k;  sk = g + t/(1 - t) y0k
+#   y1_bar = Σ w y1k;  s_bar = Σ w sk
+#   λ = clip(-Σ w² (y1k - y1_bar)(sk - s_bar) / (Σ w² (sk - s_bar)² + ρ), -c, c)    per dimension
+#   u_hat = (y1_bar + λ s_bar - yt)/(1 - t)                      stop-gradient
+#   actor step on mean((v(t, yt, s, T) - u_hat)²);  Polyak the target critic
 import copy
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
 import random
 import signal
+import subprocess
 import time
 import warnings
-import zipfile
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -42,8 +57,7 @@ class Args:
     compile: bool = False  # torch.compile the particle sampler and the posterior estimator (docs/speed.md)
     checkpoint_every: int = 0  # steps between runs/{run_name}/checkpoint.pt writes (0: --eval-every); also at the end
     resume: str | None = None  # continue the run of this checkpoint.pt (or run dir holding it), given the same flags
-    eval_only: bool = False  # no training: evaluate the --load-model weights once, logged in a new run dir
-    load_model: str | None = None  # checkpoint.pt or --save-model file to evaluate with --eval-only
+    eval_only: str | None = None  # no training: evaluate this checkpoint.pt or --save-model file once, in a new run dir
 
     # Algorithm specific arguments
     env_id: str = "dm_control/cheetah-run-v0"  # gymnasium id, `dm_control/<domain>-<task>-v0`, or `module:Env-v0`
@@ -63,7 +77,9 @@ class Args:
     t_min: float = 0.01  # flow time runs over [t_min, 1 - t_min] (docs/rfm.md §2)
     num_particles: int = 32  # policy particles per state for acting, TD targets and evaluation (docs/rfm.md §7.1)
     num_posterior_samples: int = 100  # reverse proposals K per (state, y_t) (docs/rfm.md §3)
-    estimator: Literal["stein", "noise", "gradient"] = "stein"  # lambda: plug-in, 0, ((1-t)/t)^2 (docs/rfm.md §5)
+    # lambda, the weight of the posterior score added to the proposals (docs/rfm.md §5): stein = the per-dimension
+    # variance-minimising plug-in (§6), noise = 0, gradient = ((1-t)/t)^2 (not in the official code)
+    estimator: Literal["stein", "noise", "gradient"] = "stein"
     cv_ridge: float = 1e-4  # ridge rho of the plug-in control-variate coefficient (docs/rfm.md §6)
     cv_clip: float = 2.0  # clip c of the plug-in control-variate coefficient (docs/rfm.md §6)
 
@@ -81,34 +97,37 @@ def make_env(env_id, seed, idx, capture_video, run_name):
             env = gym.make(env_id)
         if isinstance(env.observation_space, gym.spaces.Dict):  # DeepMind Control via shimmy
             env = gym.wrappers.FlattenObservation(env)
-        env = gym.wrappers.RecordEpisodeStatistics(env)
+        env = RecordResetRNG(gym.wrappers.RecordEpisodeStatistics(env))
         env.action_space.seed(seed)
         return env
 
     return thunk
 
 
-# ALGO LOGIC: initialize agent here:
+Batch = NamedTuple("Batch", [(k, torch.Tensor) for k in ("obs", "actions", "rewards", "next_obs", "dones")])
+
+
 class ReplayBuffer:
-    """Ring buffer of transitions (s, a in [-1, 1], r, s', terminated), one row each, on the training device."""
+    """Ring buffer of transitions (s, a in [-1, 1], r, s', done), one row each, on the training device. Done: the
+    episode ended in a terminal state (a time limit is not one)."""
 
     def __init__(self, size, obs_dim, act_dim, device):
         self.size, self.ptr, self.full = size, 0, False
         self.fields = [obs_dim, act_dim, 1, obs_dim, 1]
         self.data = torch.zeros(size, sum(self.fields), device=device)
 
-    def add(self, obs, next_obs, actions, rewards, terminations):
+    def add(self, obs, next_obs, actions, rewards, dones):
         """numpy arrays, one row per env: one host-to-device copy, then row writes."""
-        rows = np.concatenate([obs, actions, rewards[:, None], next_obs, terminations[:, None]], 1, dtype=np.float32)
+        rows = np.concatenate([obs, actions, rewards[:, None], next_obs, dones[:, None]], 1, dtype=np.float32)
         for row in torch.as_tensor(rows, device=self.data.device):
             self.data[self.ptr] = row
             self.ptr = (self.ptr + 1) % self.size
             self.full = self.full or self.ptr == 0
 
-    def sample(self, batch_size):
-        """Uniform with replacement: (obs, actions, rewards, next_obs, dones)."""
+    def sample(self, batch_size):  # uniform, with replacement
         idx = torch.randint(0, self.size if self.full else self.ptr, (batch_size,), device=self.data.device)
-        return self.data[idx].split(self.fields, dim=1)
+        obs, actions, rewards, next_obs, dones = self.data[idx].split(self.fields, dim=1)
+        return Batch(obs, actions, rewards[:, 0], next_obs, dones[:, 0])
 
     def state_dict(self):  # the filled rows, copied (a saved view would save the whole buffer)
         return {"rows": self.data[: self.size if self.full else self.ptr].clone(), "ptr": self.ptr, "full": self.full}
@@ -154,8 +173,8 @@ def sinusoidal_embedding(x, dim=128, max_period=1000.0):
 class VelocityField(nn.Module):
     """v(t, y, s, T): [s, y, emb(t), emb(T)] -> 256 -> 2 residual GELU blocks -> D (docs/rfm.md §8).
 
-    The first layer is split by input so that the state, time and temperature terms, which do not depend on
-    the particle, are computed once per state / per Euler step (exact: a Linear of a concatenation is a sum).
+    The first layer W [s, y, emb(t), emb(T)] + b is computed as a sum of its four input blocks, so that the sampler
+    computes the state and temperature term once per state and the time term once per step, not per particle.
     """
 
     def __init__(self, obs_dim, act_dim, hidden=256, emb_dim=128):
@@ -168,57 +187,58 @@ class VelocityField(nn.Module):
             nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
             nn.init.zeros_(layer.bias)
 
-    def split_input_weight(self):
+    def input_weights(self):
+        """The first layer's weight split by input: W_s, W_y, W_t, W_T."""
         return self.inp.weight.split([self.obs_dim, self.act_dim, self.emb_dim, self.emb_dim], dim=1)
 
-    def condition(self, obs, temperature):
-        """Particle- and time-independent part of the first layer: W_s s + W_T emb(T) + b."""
-        w_s, _, _, w_temp = self.split_input_weight()
-        temp_emb = sinusoidal_embedding(torch.full(obs.shape[:-1], temperature, device=obs.device, dtype=obs.dtype))
-        return F.linear(obs, w_s, self.inp.bias) + F.linear(temp_emb, w_temp)
+    def state_term(self, obs, temperature):
+        """W_s s + W_T emb(T) + b: the first layer's terms that depend on neither the particle nor the time."""
+        w_s, _, _, w_temperature = self.input_weights()
+        temperature_emb = sinusoidal_embedding(obs.new_full(obs.shape[:-1], temperature), self.emb_dim)
+        return F.linear(obs, w_s, self.inp.bias) + F.linear(temperature_emb, w_temperature)
 
     def time_term(self, t):
         """W_t emb(t)."""
-        return F.linear(sinusoidal_embedding(t, self.emb_dim), self.split_input_weight()[2])
+        return F.linear(sinusoidal_embedding(t, self.emb_dim), self.input_weights()[2])
 
-    def head(self, y, pre):
-        """The rest of the network, given pre = condition + time_term (broadcast over particles)."""
-        h = F.gelu(F.linear(y, self.split_input_weight()[1]) + pre, approximate="tanh")  # Flax's default GELU
+    def from_first_layer(self, y, other_terms):
+        """The network given the first layer's other terms (state, temperature, time; broadcast over particles)."""
+        h = F.gelu(F.linear(y, self.input_weights()[1]) + other_terms, approximate="tanh")  # Flax's default GELU
         for block in self.blocks:
             h = h + F.gelu(block(h), approximate="tanh")
         return self.out(h)
 
     def forward(self, obs, y, t, temperature):
         """(B, obs_dim), (B, D), (B, 1) -> (B, D)"""
-        return self.head(y, self.condition(obs, temperature) + self.time_term(t[:, 0]))
+        return self.from_first_layer(y, self.state_term(obs, temperature) + self.time_term(t[:, 0]))
 
 
 def integrate_flow(actor, obs, y, temperature, flow_steps, t_min):
     """Euler ODE from t_min to 1 - t_min: y <- y + dt v(t_j, y, s, T) (docs/rfm.md §7.1). obs (B, obs), y (B, N, D)."""
     dt = (1.0 - 2.0 * t_min) / flow_steps
-    cond = actor.condition(obs, temperature)[:, None]  # (B, 1, H)
+    state_term = actor.state_term(obs, temperature)[:, None]  # (B, 1, H), shared by the N particles
     time_terms = actor.time_term(t_min + dt * torch.arange(flow_steps, device=y.device, dtype=y.dtype))  # (steps, H)
     for j in range(flow_steps):
-        y = y + dt * actor.head(y, cond + time_terms[j])
+        y = y + dt * actor.from_first_layer(y, state_term + time_terms[j])
     return y
 
 
-def sample_particles(actor, qf, obs, noise, temperature, flow_steps, t_min):
-    """N particles per state through the ODE, scored by the online min-Q. obs (B, obs), noise (B, N, D) -> y, q."""
+def sample_particles(actor, qf, obs, noise, args):
+    """N particles per state through the policy's sampler, scored by the online min-Q. obs (B, obs), noise (B, N, D)."""
     B, N, D = noise.shape
-    y = integrate_flow(actor, obs, noise, temperature, flow_steps, t_min)
+    y = integrate_flow(actor, obs, noise, args.temperature, args.flow_steps, args.t_min)
     q = qf.min_q(obs[:, None].expand(-1, N, -1).reshape(B * N, -1), torch.tanh(y).reshape(B * N, D))
     return y, q.view(B, N)
 
 
 def boltzmann_pick(y, q, temperature):
     """One particle per state drawn from softmax_n(Q/T), no Jacobian term (docs/rfm.md §7.1), by Gumbel-max:
-    argmax_n(Q_n/T + G_n) with G = -log E, E ~ Exp(1). Returns its latent."""
+    argmax_n(Q_n/T + G_n), G = -log E, E ~ Exp(1); unlike torch.multinomial, no host sync. Returns its latent."""
     idx = (q / temperature - torch.empty_like(q).exponential_().log()).argmax(1)
     return y[torch.arange(y.shape[0], device=y.device), idx]
 
 
-def posterior_mean(q_fn, obs, y_t, t, num_samples, temperature, estimator, cv_ridge=1e-4, cv_clip=2.0):
+def posterior_mean(q_fn, obs, y_t, t, num_samples, temperature, estimator, cv_ridge, cv_clip):
     """Estimate E[y1 | y_t] under p1(y|s) ∝ exp(Q(s, tanh y)/T) prod sech^2(y) on the linear path (docs/rfm.md §3-6).
 
     obs (B, obs_dim), y_t (B, D), t (B, 1); q_fn(obs (M, obs_dim), actions (M, D)) -> (M,) or (M, 1).
@@ -226,30 +246,30 @@ def posterior_mean(q_fn, obs, y_t, t, num_samples, temperature, estimator, cv_ri
     """
     B, D = y_t.shape
     K = num_samples  # (docs/rfm.md §3)
-    t3 = t[:, None]  # (B, 1, 1)
-    y0 = torch.randn(B, K, D, device=y_t.device, dtype=y_t.dtype)
-    y1 = (y_t[:, None] - (1 - t3) * y0) / t3  # reverse proposals ~ N(y_t/t, ((1-t)/t)^2 I), (B, K, D)
+    tk = t[:, None]  # (B, 1, 1), broadcast over the K proposals
+    y0k = torch.randn(B, K, D, device=y_t.device, dtype=y_t.dtype)
+    y1k = (y_t[:, None] - (1 - tk) * y0k) / tk  # reverse proposals ~ N(y_t/t, ((1-t)/t)^2 I), (B, K, D)
     need_grad = estimator != "noise"  # lambda = 0 never touches the score
     obs_k = obs[:, None].expand(-1, K, -1).reshape(B * K, -1)
-    with torch.enable_grad():
-        y1_leaf = y1.detach().requires_grad_(need_grad)
-        q = q_fn(obs_k, torch.tanh(y1_leaf).reshape(B * K, D)).reshape(B, K)
-        grad_q = torch.autograd.grad(q.sum(), y1_leaf)[0] if need_grad else None
+    with torch.enable_grad():  # the caller may run under no_grad; the score needs dQ/dy
+        y1k_leaf = y1k.detach().requires_grad_(need_grad)
+        q = q_fn(obs_k, torch.tanh(y1k_leaf).reshape(B * K, D)).reshape(B, K)
+        grad_q = torch.autograd.grad(q.sum(), y1k_leaf)[0] if need_grad else None
     q = q.detach()
-    log_sech2 = -2.0 * (torch.logaddexp(y1, -y1) - math.log(2.0))  # tanh Jacobian, stable form (docs/rfm.md §1)
+    log_sech2 = -2.0 * (torch.logaddexp(y1k, -y1k) - math.log(2.0))  # tanh Jacobian, stable form (docs/rfm.md §1)
     w = torch.softmax(q / temperature + log_sech2.sum(-1), dim=1)[..., None]  # (B, K, 1)
-    y1_bar = (w * y1).sum(1)
+    y1_bar = (w * y1k).sum(1)
     if need_grad:
-        g = grad_q / temperature - 2.0 * torch.tanh(y1)  # grad_y log p1 (docs/rfm.md §1)
-        score = g + t3 / (1 - t3) * y0  # posterior score, zero posterior mean (docs/rfm.md §4)
-        s_bar = (w * score).sum(1)
+        g = grad_q / temperature - 2.0 * torch.tanh(y1k)  # grad_y log p1 (docs/rfm.md §1)
+        sk = g + tk / (1 - tk) * y0k  # posterior score, zero posterior mean (docs/rfm.md §4)
+        s_bar = (w * sk).sum(1)
     if estimator == "noise":
-        lam = torch.zeros_like(y_t)
+        lam = torch.zeros_like(y1k[:, 0])
     elif estimator == "gradient":
         lam = ((1 - t) / t).square().expand(B, D)
-    else:  # variance-minimising per-dimension plug-in (docs/rfm.md §6)
+    elif estimator == "stein":  # variance-minimising per-dimension plug-in (docs/rfm.md §6)
         w2 = w.square()
-        dy, ds = y1 - y1_bar[:, None], score - s_bar[:, None]
+        dy, ds = y1k - y1_bar[:, None], sk - s_bar[:, None]
         lam = (-(w2 * dy * ds).sum(1) / ((w2 * ds.square()).sum(1) + cv_ridge)).clamp(-cv_clip, cv_clip)
     y1_hat = y1_bar + lam * s_bar if need_grad else y1_bar
     ess = 1.0 / w.squeeze(-1).square().sum(1)
@@ -262,39 +282,40 @@ def soft_update(target, online, tau):
             tp.lerp_(p, tau)
 
 
-def update(batch, actor, qf, qf_target, actor_optimizer, q_optimizer, args, sample=sample_particles):
-    """One RFM update (docs/rfm.md §7.2); `sample` is sample_particles or its compiled version. Returns device
-    tensors of diagnostics (no host syncs)."""
-    obs, actions, rewards, next_obs, dones = batch
-    B, D = actions.shape
+def update(batch, actor, qf, qf_target, actor_optimizer, q_optimizer, args, sample=sample_particles,
+           posterior=posterior_mean):
+    """One RFM update (docs/rfm.md §7.2, the pseudocode at the top of this file); `sample` and `posterior` are
+    sample_particles and posterior_mean or their compiled versions. Returns device tensors of diagnostics (no host syncs)."""
+    B, D = batch.actions.shape
     # on-policy y1 at s and next actions a' at s', Boltzmann-resampled with the pre-update critic, one sampler call
     with torch.no_grad():
-        both = torch.cat([obs, next_obs])
-        noise = torch.randn(2 * B, args.num_particles, D, device=obs.device)
-        y, q = sample(actor, qf, both, noise, args.temperature, args.flow_steps, args.t_min)
+        obs_and_next_obs = torch.cat([batch.obs, batch.next_obs])
+        noise = torch.randn(2 * B, args.num_particles, D, device=batch.obs.device)
+        y, q = sample(actor, qf, obs_and_next_obs, noise, args)
         y1, next_y = boltzmann_pick(y, q, args.temperature).split(B)
-        next_q = qf_target.min_q(next_obs, torch.tanh(next_y))
-        target_q = rewards.flatten() + (1 - dones.flatten()) * args.gamma * next_q  # no entropy term
+        next_q = qf_target.min_q(batch.next_obs, torch.tanh(next_y))
+        target_q = batch.rewards + (1 - batch.dones) * args.gamma * next_q  # no entropy term
 
     # critic: each member has its own MSE and its own grad-norm clip, as if trained alone (the official update is
     # vmapped over members); Adam is elementwise, so one optimizer over both is the same as one per member
-    qs = qf(obs, actions)
+    qs = qf(batch.obs, batch.actions)
     qf1_loss, qf2_loss = F.mse_loss(qs[0], target_q), F.mse_loss(qs[1], target_q)
-    qf_loss = (qf1_loss + qf2_loss) / 2
+    qf_loss = (qf1_loss + qf2_loss) / 2  # logged as the mean (as CleanRL does)
     q_optimizer.zero_grad()
-    (qf1_loss + qf2_loss).backward()  # member j's weights get the gradient of its own loss only
+    (qf1_loss + qf2_loss).backward()  # the sum: member j's weights get the gradient of its own loss, unscaled
     for member in qf.members:
         nn.utils.clip_grad_norm_(member.parameters(), args.max_grad_norm)
     q_optimizer.step()
 
     # posterior target with the just-updated critic, then velocity regression (docs/rfm.md §2, §5)
-    t = torch.empty(B, 1, device=obs.device).uniform_(args.t_min, 1 - args.t_min)
+    t = torch.empty(B, 1, device=y1.device).uniform_(args.t_min, 1 - args.t_min)
     y_t = t * y1 + (1 - t) * torch.randn_like(y1)
-    y1_hat, info = posterior_mean(
-        qf.min_q, obs, y_t, t, args.num_posterior_samples, args.temperature, args.estimator, args.cv_ridge, args.cv_clip
-    )
+    y1_hat, info = posterior(
+        qf.min_q, batch.obs, y_t, t, num_samples=args.num_posterior_samples, temperature=args.temperature,
+        estimator=args.estimator, cv_ridge=args.cv_ridge, cv_clip=args.cv_clip,
+    )  # fmt: skip
     u_hat = (y1_hat - y_t) / (1 - t)
-    actor_loss = F.mse_loss(actor(obs, y_t, t, args.temperature), u_hat)
+    actor_loss = F.mse_loss(actor(batch.obs, y_t, t, args.temperature), u_hat)
     actor_optimizer.zero_grad()
     actor_loss.backward()
     nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
@@ -306,14 +327,14 @@ def update(batch, actor, qf, qf_target, actor_optimizer, q_optimizer, args, samp
         "losses/qf1_values": qs[0].mean(), "losses/qf2_values": qs[1].mean(),
         "losses/qf1_loss": qf1_loss, "losses/qf2_loss": qf2_loss, "losses/qf_loss": qf_loss,
         "losses/actor_loss": actor_loss, "rfm/ess": info["ess"].mean(), "rfm/cv_weight": info["cv_weight"].mean(),
-        "rfm/q_mean": q.mean(), "rfm/q_std": q.std(),
+        "rfm/q_mean": q.mean(), "rfm/q_std": q.std(),  # pooled over the 2B states' particles
     }  # fmt: skip
 
 
 def act(actor, qf, obs, args, sample=sample_particles):
     """Behaviour action: Boltzmann resampling among N particles (docs/rfm.md §7.1). obs (E, obs) -> (E, D) in [-1, 1]."""
     noise = torch.randn(obs.shape[0], args.num_particles, actor.act_dim, device=obs.device)
-    y, q = sample(actor, qf, obs, noise, args.temperature, args.flow_steps, args.t_min)
+    y, q = sample(actor, qf, obs, noise, args)
     return torch.tanh(boltzmann_pick(y, q, args.temperature))
 
 
@@ -329,7 +350,7 @@ def state_noise(obs, shape, seed):
 def act_eval(actor, qf, obs, args, sample=sample_particles):
     """Deterministic action: the argmax-Q particle, its initial noise a function of the state (docs/rfm.md §7.1)."""
     noise = state_noise(obs, (args.num_particles, actor.act_dim), args.seed)
-    y, q = sample(actor, qf, obs, noise, args.temperature, args.flow_steps, args.t_min)
+    y, q = sample(actor, qf, obs, noise, args)
     return torch.tanh(y[torch.arange(y.shape[0], device=y.device), q.argmax(1)])
 
 
@@ -347,6 +368,9 @@ def evaluate(policy, envs, action_scale, action_bias, device):
     return float(returns.mean())
 
 
+# ======================================================================================================================
+# Plumbing, not part of the algorithm: --compile set-up, input checks, run config, checkpoints, resume, preemption
+# ======================================================================================================================
 def compiled(fn, device):
     """fn under torch.compile, as --compile runs it (docs/speed.md): static shapes, matmuls autotuned (inductor's own
     GEMM kernels may fuse bias and activation), random draws from torch's generator as in eager; on CUDA with CUDA
@@ -370,60 +394,60 @@ def in_state_chunks(sample, states):
 
 # input checks: one `error:` line and exit 1 before training, never a silent wrong run
 def check_args(args):
-    problems = [msg for bad, msg in [
-        (args.total_timesteps < 1, "--total-timesteps must be >= 1"),
-        (args.buffer_size < 1, "--buffer-size must be >= 1"),
-        (args.batch_size < 1, "--batch-size must be >= 1"),
-        (args.learning_starts < 0, "--learning-starts must be >= 0"),
-        (args.eval_every < 1, "--eval-every must be >= 1"),
-        (args.eval_episodes < 1, "--eval-episodes must be >= 1"),
-        (args.checkpoint_every < 0, "--checkpoint-every must be >= 0"),
-        (args.eval_only != (args.load_model is not None) or args.eval_only and args.resume is not None,
-         "--eval-only goes with --load-model PATH (and without --resume)"),
+    at_least = {1: ["total_timesteps", "buffer_size", "batch_size", "eval_every", "eval_episodes", "flow_steps",
+                    "num_particles", "num_posterior_samples"],
+                0: ["learning_starts", "checkpoint_every", "cv_ridge", "cv_clip"]}  # fmt: skip
+    problems = [f"--{k.replace('_', '-')} must be >= {bound}" for bound, keys in at_least.items() for k in keys
+                if not getattr(args, k) >= bound]  # fmt: skip
+    problems += [msg for bad, msg in [
+        (args.eval_only is not None and args.resume is not None, "--eval-only PATH and --resume exclude each other"),
         (not 0.0 <= args.gamma <= 1.0, "--gamma must be in [0, 1]"),
         (not 0.0 < args.tau <= 1.0, "--tau must be in (0, 1]"),
         (args.policy_lr <= 0 or args.q_lr <= 0, "--policy-lr and --q-lr must be > 0"),
         (args.max_grad_norm <= 0, "--max-grad-norm must be > 0"),
         (not args.temperature > 0, "--temperature must be > 0"),
-        (args.flow_steps < 1, "--flow-steps must be >= 1"),
         (not 0.0 < args.t_min < 0.5, "--t-min must be in (0, 0.5) so that [t_min, 1 - t_min] is a valid time range"),
-        (args.num_particles < 1, "--num-particles must be >= 1"),
-        (args.num_posterior_samples < 1, "--num-posterior-samples must be >= 1"),
-        (args.cv_ridge < 0, "--cv-ridge must be >= 0"),
-        (args.cv_clip < 0, "--cv-clip must be >= 0"),
         ] if bad]  # fmt: skip
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 
 
 def check_env(env_id):
-    """Fail before training, in one line, on an id gymnasium cannot make or spaces the policy cannot drive."""
     try:
         env = make_env(env_id, 0, 0, False, "")()
     except (gym.error.Error, ImportError) as e:
         raise SystemExit(f"error: unknown env id {env_id!r}: {e}")
     obs_space, act_space = env.observation_space, env.action_space
     env.close()
-    if not isinstance(act_space, gym.spaces.Box):
-        raise SystemExit(f"error: {env_id} has a {type(act_space).__name__} action space; only continuous Box is supported")
-    if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
-        raise SystemExit(f"error: {env_id} has unbounded actions; the policy needs finite bounds to rescale [-1, 1]")
+    if not isinstance(act_space, gym.spaces.Box) or not np.isfinite([act_space.low, act_space.high]).all():
+        raise SystemExit(f"error: {env_id} actions are {act_space}; a Box with finite bounds is required")
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
         raise SystemExit(f"error: {env_id} observations are {obs_space}; a flat Box (or a Dict of them) is required")
 
 
-# flags that may change on --resume and --eval-only, as they leave the algorithm as it was; all others must match
-RESUMABLE = {"total_timesteps", "eval_every", "eval_episodes", "checkpoint_every", "resume", "eval_only", "load_model",
-             "save_model", "capture_video", "track", "wandb_project_name", "wandb_entity", "cuda", "compile",
-             "torch_deterministic"}  # fmt: skip
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM or SIGUSR1 after writing the checkpoint; rerun with --resume
-# what weights_only loading must accept beyond tensors and plain data: the uint32 arrays of numpy's MT19937 states
-NUMPY_ARRAYS = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+# the flags that may change on --resume and --eval-only: they leave the algorithm as it was
+RESUMABLE = {"total_timesteps", "eval_every", "eval_episodes", "checkpoint_every", "resume", "eval_only", "save_model",
+             "capture_video", "track", "wandb_project_name", "wandb_entity", "cuda", "compile", "torch_deterministic"}
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: SIGTERM or SIGUSR1 stopped the run after a checkpoint
 
 
-def rng_state(rng):
-    """The state of a numpy Generator, or of a RandomState (shimmy's dm_control envs have one) or of np.random."""
-    return rng.bit_generator.state if isinstance(rng, np.random.Generator) else rng.get_state(legacy=False)
+def write_config(run_dir, args):  # atomically; commit and dirty are null outside a git checkout
+    git = "git rev-parse HEAD && git status --porcelain --untracked-files=no"
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(git, shell=True, cwd=here, capture_output=True, text=True)
+    commit, *changed = out.stdout.splitlines() if out.returncode == 0 else [None]
+    config = dict(script=os.path.basename(__file__), args=vars(args),
+                  resumable=sorted(RESUMABLE), commit=commit,
+                  dirty=bool(changed) if commit else None)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(f"{run_dir}/config.json.tmp", "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(f"{run_dir}/config.json.tmp", f"{run_dir}/config.json")
+
+
+def rng_state(rng):  # of a numpy Generator, or of a RandomState (np.random, dm_control's envs), as plain data
+    state = rng.bit_generator.state if isinstance(rng, np.random.Generator) else rng.get_state(legacy=False)
+    return {**state, "state": {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in state["state"].items()}}
 
 
 def set_rng_state(rng, state):
@@ -433,44 +457,41 @@ def set_rng_state(rng, state):
         rng.set_state(state)
 
 
-def save_checkpoint(path, stateful, envs, **state):
-    """Atomically (a crash mid-write keeps the last file): the state dicts, every random stream, the loop's state."""
+class RecordResetRNG(gym.Wrapper):  # the env's random state and seed at its last reset, for --resume to replay
+    def reset(self, *, seed=None, options=None):
+        self.last_reset = rng_state(self.np_random), seed
+        return super().reset(seed=seed, options=options)
+
+
+def save_checkpoint(path, stateful, envs, **loop_state):
+    """Atomically (a crash mid-write keeps the last file): state dicts, random streams, loop state."""
     rng = {"python": random.getstate(), "numpy": rng_state(np.random), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-           "action_space": rng_state(envs.single_action_space.np_random)}  # fmt: skip
-    states = {k: v.state_dict() for k, v in stateful.items()}
-    torch.save({"script": os.path.basename(__file__), **states, "rng": rng, **state}, f"{path}.tmp")
+           "action_space": rng_state(envs.single_action_space.np_random),
+           "env_resets": [env.last_reset for env in envs.envs]}  # fmt: skip
+    torch.save({**{k: v.state_dict() for k, v in stateful.items()}, "rng": rng, **loop_state}, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path, args):
-    """The checkpoint at path (or path/checkpoint.pt) or a --save-model file; one `error:` line, before anything is
-    written, if it is unreadable, another script's, or made with other flags than args (those in RESUMABLE aside)."""
-    path, script = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path, os.path.basename(__file__)
+    """The checkpoint at path (or path/checkpoint.pt) or a --save-model file, and its path; else one `error:` line."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     try:
-        with zipfile.ZipFile(path) as archive:  # torch.load would read damaged data without noticing
-            if (damaged := archive.testzip()) is not None:
-                raise ValueError(f"{damaged} fails its CRC check")
-        with torch.serialization.safe_globals(NUMPY_ARRAYS):  # weights_only: never code
-            ckpt = torch.load(path, map_location="cpu")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data, never code
         changed = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} -> {v}" for k, v in vars(args).items()
                    if k not in RESUMABLE and ckpt["args"].get(k) != v]  # fmt: skip
     except Exception as e:  # missing, truncated, not a checkpoint
         raise SystemExit(f"error: cannot load {path}: {type(e).__name__}: {str(e).partition(chr(10))[0]}")
-    if ckpt.get("script", script) != script:
-        raise SystemExit(f"error: {path} is a checkpoint of {ckpt['script']}, not of {script}")
-    if changed:
-        raise SystemExit(f"error: {path} was made with other flags: {', '.join(changed)} (only --total-timesteps and "
-                         "the evaluation, checkpoint, logging and device flags may change)")  # fmt: skip
+    if changed:  # so is another script's checkpoint: its flags differ, --exp-name at least
+        raise SystemExit(f"error: {path} was made with other flags or by another script: {', '.join(changed)} (only "
+                         "--total-timesteps and the evaluation, checkpoint, logging and device flags may change)")
     if args.resume and not ckpt.get("global_step", math.inf) <= args.total_timesteps:  # a --save-model file has none
         raise SystemExit(f"error: --resume needs a checkpoint.pt from at most --total-timesteps {args.total_timesteps}")
-    return {**ckpt, "path": path}
+    return ckpt, path
 
 
 def restore_checkpoint(ckpt, stateful, envs, device):
-    """Load what save_checkpoint saved, replay the reset that began the training episode in progress (exact if the saved
-    step ended an episode, as on bandits, and the env resets from its np_random, as gymnasium's MuJoCo envs do but not
-    dm_control's; else that episode restarts). Returns the observation, the next step and the last training return."""
+    """Load all, replay the env's last reset (an unfinished episode starts over); -> obs, next step, last return."""
     for k, v in stateful.items():
         v.load_state_dict(ckpt[k])
     rng = ckpt["rng"]
@@ -480,23 +501,26 @@ def restore_checkpoint(ckpt, stateful, envs, device):
     if device.type == "cuda" and rng["cuda"] is not None:
         torch.cuda.set_rng_state_all(rng["cuda"])
     set_rng_state(envs.single_action_space.np_random, rng["action_space"])
-    for env, state in zip(envs.envs, ckpt["env_rng"]):
+    for env, (state, _) in zip(envs.envs, rng["env_resets"]):
         set_rng_state(env.np_random, state)
-    return envs.reset()[0], ckpt["global_step"], ckpt["last_return"]
+    return envs.reset(seed=[seed for _, seed in rng["env_resets"]])[0], ckpt["global_step"], ckpt["last_return"]
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
-    ckpt = load_checkpoint(path, args) if (path := args.resume or args.load_model) else None
+    if args.resume or args.eval_only:
+        ckpt, ckpt_path = load_checkpoint(args.resume or args.eval_only, args)
     check_env(args.env_id)
     env_name = args.env_id.replace("/", "_").replace(":", "_")
     run_name = f"{env_name}__{args.exp_name}-{args.estimator}__{args.seed}__{int(time.time())}"  # variants apart
-    run_name = ckpt["run_name"] if args.resume else f"eval__{run_name}" if args.eval_only else run_name
-    run_dir = os.path.dirname(ckpt["path"]) if args.resume else f"runs/{run_name}"
+    run_dir = f"runs/eval__{run_name}" if args.eval_only else f"runs/{run_name}"
+    if args.resume:  # the stopped run's folder, whose name is the run's name
+        run_dir = os.path.dirname(os.path.abspath(ckpt_path))
+    run_name = os.path.basename(run_dir)
+    write_config(run_dir, args)
     if args.track:
         import wandb
-
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=run_name, save_code=True, id=run_name, resume="allow")  # fmt: skip
     writer = SummaryWriter(run_dir, purge_step=ckpt["global_step"] + 1 if args.resume else None)  # hides later steps
@@ -513,13 +537,14 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True  # CUDA only; the official JAX code runs at XLA's default TF32
 
-    # env setup: one training env; evaluation envs seeded 0..eval_episodes-1
+    # env setup: one training env; evaluation envs seeded 0..eval_episodes-1. SAME_STEP autoreset: the step that ends
+    # an episode returns the next episode's first observation (its last is in infos), so every step is a transition
     same_step = gym.vector.AutoresetMode.SAME_STEP
-    video = [args.capture_video and not args.eval_only, args.capture_video and args.eval_only]  # training, eval env 0
-    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, args.seed, 0, video[0], run_name)], autoreset_mode=same_step)
-    eval_envs = gym.vector.SyncVectorEnv(
-        [make_env(args.env_id, i, i, video[1], run_name) for i in range(args.eval_episodes)], autoreset_mode=same_step
-    )
+    video_training, video_eval = args.capture_video and not args.eval_only, args.capture_video and bool(args.eval_only)
+    train_env = make_env(args.env_id, args.seed, 0, video_training, run_name)
+    envs = gym.vector.SyncVectorEnv([train_env], autoreset_mode=same_step)
+    eval_env_fns = [make_env(args.env_id, i, i, video_eval, run_name) for i in range(args.eval_episodes)]
+    eval_envs = gym.vector.SyncVectorEnv(eval_env_fns, autoreset_mode=same_step)
     obs_dim = int(np.prod(envs.single_observation_space.shape))
     act_dim = int(np.prod(envs.single_action_space.shape))
     low, high = envs.single_action_space.low, envs.single_action_space.high
@@ -533,10 +558,9 @@ if __name__ == "__main__":
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     stateful = dict(actor=actor, qf=qf, qf_target=qf_target, actor_optimizer=actor_optimizer, q_optimizer=q_optimizer,
                     rb=rb)  # all a checkpoint restores
-    # --compile: the particle sampler (most of an update) and the posterior, its ∇Q in the same graph; update() calls
-    # the compiled posterior by its name
+    # --compile: the particle sampler (most of an update) and the posterior estimator, its ∇Q in the same graph
     sample = compiled(sample_particles, device) if args.compile else sample_particles
-    posterior_mean = compiled(posterior_mean, device) if args.compile else posterior_mean
+    posterior = compiled(posterior_mean, device) if args.compile else posterior_mean
     if args.compile and device.type == "cpu":  # CPU only: the sampler 32 states at a time, in cache (docs/speed.md)
         sample = in_state_chunks(sample, 32)
     policy_eval = functools.partial(act_eval, actor, qf, args=args, sample=sample)  # obs -> deterministic action
@@ -555,13 +579,16 @@ if __name__ == "__main__":
     preempted = []  # signals received: finish the step, write the checkpoint, exit PREEMPTED_EXIT
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: preempted.append(signum))
-    start_time = time.time()
     loss_names = ["losses/qf1_loss", "losses/qf2_loss", "losses/actor_loss"]
-    first_bad_step = torch.full((len(loss_names),), -1, device=device)  # read at the logging cadence: no sync per step
+    first_bad_step = torch.full((len(loss_names),), -1, device=device)  # read every 100 steps: no sync per step
 
     # TRY NOT TO MODIFY: start the game
     obs, _ = envs.reset(seed=args.seed)
-    obs, start_step, last_return = restore_checkpoint(ckpt, stateful, envs, device) if ckpt else (obs, 0, math.nan)
+    start_step, last_return = 0, math.nan
+    if args.resume:
+        obs, start_step, last_return = restore_checkpoint(ckpt, stateful, envs, device)
+    first_update = max(start_step, args.learning_starts)  # the ETA times this process's updates
+    start_time = time.time()
     for global_step in range(start_step, args.total_timesteps):
         # ALGO LOGIC: put action logic here
         if global_step < args.learning_starts:
@@ -569,19 +596,18 @@ if __name__ == "__main__":
             norm_actions = (actions - action_bias) / action_scale
         else:
             with torch.no_grad():
-                norm = act(actor, qf, torch.as_tensor(obs, dtype=torch.float32, device=device), args, sample)
-            norm_actions = norm.cpu().numpy()  # the step's one device-to-host copy
+                action = act(actor, qf, torch.as_tensor(obs, dtype=torch.float32, device=device), args, sample)
+            norm_actions = action.cpu().numpy()  # the step's one device-to-host copy
             actions = (norm_actions * action_scale + action_bias).astype(envs.single_action_space.dtype)
 
         # TRY NOT TO MODIFY: execute the game and log data.
-        env_rng = [rng_state(env.np_random) for env in envs.envs]  # before an autoreset: --resume replays it
         next_obs, rewards, terminations, truncations, infos = envs.step(actions)
         if "final_info" in infos:
-            fi = infos["final_info"]
-            for i in np.flatnonzero(fi.get("_episode", [])):
-                last_return = float(fi["episode"]["r"][i])
+            final_info = infos["final_info"]
+            for i in np.flatnonzero(final_info.get("_episode", [])):
+                last_return = float(final_info["episode"]["r"][i])
                 writer.add_scalar("charts/episodic_return", last_return, global_step)
-                writer.add_scalar("charts/episodic_length", fi["episode"]["l"][i], global_step)
+                writer.add_scalar("charts/episodic_length", final_info["episode"]["l"][i], global_step)
 
         # TRY NOT TO MODIFY: save data to replay buffer; handle `final_obs`; truncation is not termination
         real_next_obs = next_obs.copy()
@@ -589,18 +615,19 @@ if __name__ == "__main__":
             for i in np.flatnonzero(infos["_final_obs"]):
                 real_next_obs[i] = infos["final_obs"][i]
         rb.add(obs, real_next_obs, norm_actions, rewards, terminations)
-
-        # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
-        obs = next_obs
+        obs = next_obs  # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
 
         # ALGO LOGIC: training.
         if global_step >= args.learning_starts:
-            logs = update(rb.sample(args.batch_size), actor, qf, qf_target, actor_optimizer, q_optimizer, args, sample)
+            if global_step == first_update:
+                update_start_time = time.time()
+            batch = rb.sample(args.batch_size)
+            logs = update(batch, actor, qf, qf_target, actor_optimizer, q_optimizer, args, sample, posterior)
             finite = torch.isfinite(torch.stack([logs[k] for k in loss_names]))
             first_bad_step = torch.where(finite | (first_bad_step >= 0), first_bad_step, global_step)
         last_step = global_step + 1 == args.total_timesteps
         save = last_step or preempted or (global_step + 1) % (args.checkpoint_every or args.eval_every) == 0
-        if global_step % 100 == 0 or save:  # a NaN loss stops the run (unsaved), naming the first step it appeared at
+        if global_step % 100 == 0 or save:  # a NaN loss stops the run, unsaved, naming its first step
             bad = [(s, k) for s, k in zip(first_bad_step.tolist(), loss_names) if s >= 0]
             if bad:
                 raise SystemExit(f"error: non-finite {', '.join(k for _, k in bad)} at step {min(bad)[0]}")
@@ -610,7 +637,10 @@ if __name__ == "__main__":
                     writer.add_scalar(k, v.item(), global_step)
                 writer.add_scalar("charts/temperature", args.temperature, global_step)
             sps = int((global_step - start_step) / (time.time() - start_time))  # since this process started
-            eta = "{}h{:02d}m".format(*divmod((args.total_timesteps - global_step) // sps // 60, 60)) if sps else "?"
+            eta = "?"  # until updates have run: the random warm-up is far faster
+            if global_step > first_update:
+                step_time = (time.time() - update_start_time) / (global_step - first_update)
+                eta = "{}h{:02d}m".format(*divmod(int((args.total_timesteps - global_step) * step_time) // 60, 60))
             print(f"step={global_step}/{args.total_timesteps} SPS={sps} ETA={eta} last_return={last_return:.1f}")
             writer.add_scalar("charts/SPS", sps, global_step)
 
@@ -619,8 +649,8 @@ if __name__ == "__main__":
             writer.add_scalar("eval/episodic_return", eval_return, global_step + 1)
             print(f"eval step={global_step + 1} return={eval_return:.2f}")
         if save:
-            save_checkpoint(f"{run_dir}/checkpoint.pt", stateful, envs, args=vars(args), run_name=run_name,
-                            global_step=global_step + 1, env_rng=env_rng, last_return=last_return)  # fmt: skip
+            save_checkpoint(f"{run_dir}/checkpoint.pt", stateful, envs, args=vars(args), global_step=global_step + 1,
+                            last_return=last_return)  # fmt: skip
             if preempted:  # tested only after a checkpoint: a signal may come at any line
                 print(f"preempted at step {global_step + 1}: checkpoint in {run_dir}, continue with --resume {run_dir}")
                 writer.close()
@@ -629,13 +659,12 @@ if __name__ == "__main__":
     if args.save_model:
         model_path = f"{run_dir}/{args.exp_name}.pt"
         torch.save({"actor": actor.state_dict(), "qf": qf.state_dict(), "args": vars(args)}, model_path)
-        print(f"model saved to {model_path}")
-        saved = torch.load(model_path, map_location=device)
+        saved = torch.load(model_path, map_location=device, weights_only=True)
         actor.load_state_dict(saved["actor"])
         qf.load_state_dict(saved["qf"])
         eval_return = evaluate(policy_eval, eval_envs, action_scale, action_bias, device)
         writer.add_scalar("eval/saved_model_episodic_return", eval_return, args.total_timesteps)
-        print(f"saved model eval return={eval_return:.2f}")
+        print(f"model saved to {model_path}; reloaded, its eval return={eval_return:.2f}")
 
     envs.close()
     eval_envs.close()

@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import tyro
@@ -64,16 +65,11 @@ def script_sampler(m, fn, compile, device):
 
 
 def setup_rfm(a, device, script, compile):
-    """rfm_flow / rfm_diffusion: the same update around a different policy network and sampler. Compiled as the
-    script's --compile: the sampler, and the posterior rebound by name in a copy of the module of its own."""
-    if compile:
-        spec = importlib.util.spec_from_file_location(f"{script}_compiled", os.path.join(ROOT, f"{script}.py"))
-        m = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(m)
-        posterior = "posterior_mean" if script == "rfm_flow" else "posterior_noise"
-        setattr(m, posterior, m.compiled(getattr(m, posterior), device))
-    else:
-        m = importlib.import_module(script)
+    """rfm_flow / rfm_diffusion: the same update around a different policy network and sampler, compiled as the
+    script's --compile does it (the sampler and the posterior estimator)."""
+    m = importlib.import_module(script)
+    posterior = m.posterior_mean if script == "rfm_flow" else m.posterior_noise
+    posterior = m.compiled(posterior, device) if compile else posterior
     args = m.Args()
     if script == "rfm_flow":
         actor = m.VelocityField(a.obs_dim, a.act_dim).to(device)
@@ -83,7 +79,8 @@ def setup_rfm(a, device, script, compile):
     qf_target = copy.deepcopy(qf)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr)
-    batch = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)
+    batch = m.Batch(*random_batch(args.batch_size, a.obs_dim, a.act_dim, device))
+    batch = batch._replace(rewards=batch.rewards[:, 0], dones=batch.dones[:, 0])
     sample = script_sampler(m, m.sample_particles, compile, device)
     if compile and device.type == "cpu" and hasattr(m, "in_state_chunks"):  # as the script's __main__ does
         sample = m.in_state_chunks(sample, 32)
@@ -93,7 +90,8 @@ def setup_rfm(a, device, script, compile):
     def action():
         m.act(actor, qf, obs1, args, sample)
 
-    return {"update": lambda: m.update(batch, actor, qf, qf_target, actor_opt, q_opt, args, sample), "action": action}
+    return {"update": lambda: m.update(batch, actor, qf, qf_target, actor_opt, q_opt, args, sample, posterior),
+            "action": action}
 
 
 def setup_qvpo_baseline(a, device, compile):
@@ -105,13 +103,16 @@ def setup_qvpo_baseline(a, device, compile):
     qf_target = copy.deepcopy(qf)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, eps=1e-5)
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.q_lr, eps=1e-5)
-    batch = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)
+    batch = m.Batch(*random_batch(args.batch_size, a.obs_dim, a.act_dim, device))
+    batch = batch._replace(rewards=batch.rewards[:, 0], dones=batch.dones[:, 0])
     policy_obs = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)[0]
+    agent = SimpleNamespace(actor=actor, actor_target=actor_target, qf=qf, qf_target=qf_target, actor_optimizer=actor_opt,
+                            q_optimizer=q_opt)
     sample = script_sampler(m, m.ddpm_sample, compile, device)
     obs1 = torch.randn(1, a.obs_dim, device=device)
 
     def one_update():
-        m.update(batch, policy_obs, actor, actor_target, qf, qf_target, actor_opt, q_opt, args.entropy_alpha, args, sample)
+        m.update(agent, batch, policy_obs, args.entropy_alpha, args, sample)
 
     return {
         "update": one_update,
@@ -132,13 +133,16 @@ def setup_dipo_baseline(a, device, compile):
     memory = m.DiffusionMemory(2560, a.obs_dim, a.act_dim, device)
     obs, actions, rewards, next_obs, dones = [x.cpu().numpy() for x in random_batch(2560, a.obs_dim, a.act_dim, device)]
     memory.add(obs, next_obs, actions, rewards[:, 0], dones[:, 0])
-    batch = random_batch(args.batch_size, a.obs_dim, a.act_dim, device)
+    batch = m.Batch(*random_batch(args.batch_size, a.obs_dim, a.act_dim, device))
+    batch = batch._replace(rewards=batch.rewards[:, 0], dones=batch.dones[:, 0])
     sample = script_sampler(m, m.ddpm_sample, compile, device)
     step = iter(range(10**9))
     obs1 = torch.randn(1, a.obs_dim, device=device)
+    agent = SimpleNamespace(actor=actor, actor_target=actor_target, qf=qf, qf_target=qf_target, actor_optimizer=actor_opt,
+                            q_optimizer=q_opt)
 
     def one_update():
-        m.update(batch, memory, actor, actor_target, qf, qf_target, actor_opt, q_opt, next(step), args, sample)
+        m.update(agent, batch, memory, next(step), args, sample)
 
     return {
         "update": one_update,

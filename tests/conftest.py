@@ -12,6 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BANDIT = "tests.toy_envs:ContextBandit-v0"
+# per script, the flags of a tiny run (few particles, samples and steps) for end-to-end tests that check plumbing
+TINY = {
+    "rfm_flow.py": ["--num-particles", 4, "--num-posterior-samples", 8, "--flow-steps", 2],
+    "rfm_diffusion.py": ["--num-particles", 4, "--num-posterior-samples", 8, "--diffusion-steps", 3],
+    "qvpo_baseline.py": ["--diffusion-steps", 3, "--num-action-samples", 8, "--num-entropy-samples", 2,
+                         "--eval-samples", 4],
+    "dipo_baseline.py": ["--diffusion-steps", 5, "--action-gradient-steps", 3],
+}  # fmt: skip
 
 
 def run_script(script, args, cwd, timeout=600, **env_vars):
@@ -35,6 +43,13 @@ def single_run_dir(cwd):
     runs = list((Path(cwd) / "runs").iterdir())
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def check_ok(proc, run_dir):
+    """A run that exited 0 and made its run dir: its scalars."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_dir is not None
+    return read_scalars(run_dir)
 
 
 def assert_one_line_error(proc, run_dir):

@@ -3,14 +3,7 @@ env that renders rgb_array, so no MuJoCo renderer is needed)."""
 
 import pytest
 
-from tests.conftest import BANDIT
-
-TINY = {
-    "rfm_flow.py": ["--num-particles", 2, "--num-posterior-samples", 4, "--flow-steps", 2],
-    "rfm_diffusion.py": ["--num-particles", 2, "--num-posterior-samples", 4, "--diffusion-steps", 2],
-    "qvpo_baseline.py": ["--diffusion-steps", 2, "--num-action-samples", 2],
-    "dipo_baseline.py": ["--diffusion-steps", 2, "--action-gradient-steps", 1],
-}
+from tests.conftest import BANDIT, TINY
 
 
 @pytest.mark.parametrize("script", TINY)

@@ -21,13 +21,13 @@ def sampler_call(name, seed=0, states=3, particles=4, obs_dim=5, act_dim=2, step
     torch.manual_seed(seed)
     obs = torch.randn(states, obs_dim)
     if name == "rfm_flow":
-        actor, qf, args = m.VelocityField(obs_dim, act_dim), m.TwinQ(obs_dim, act_dim), m.Args()
+        actor, qf, args = m.VelocityField(obs_dim, act_dim), m.TwinQ(obs_dim, act_dim), m.Args(flow_steps=steps)
         noise = torch.randn(states, particles, act_dim)
-        return m.sample_particles, (actor, qf, obs, noise, args.temperature, steps, args.t_min)
+        return m.sample_particles, (actor, qf, obs, noise, args)
     if name == "rfm_diffusion":
         actor, qf = m.NoiseNet(obs_dim, act_dim, steps), m.TwinQ(obs_dim, act_dim)
         noise, z = torch.randn(states, particles, act_dim), torch.randn(states, steps, particles, act_dim)
-        return m.sample_particles, (actor, qf, obs, noise, m.Args().temperature, z)
+        return m.sample_particles, (actor, qf, obs, noise, m.Args(diffusion_steps=steps), z)
     actor = m.Denoiser(obs_dim, act_dim, steps)
     x = torch.randn(states, particles, act_dim)
     return m.ddpm_sample, (actor, obs, x, torch.randn(steps, states, particles, act_dim))
@@ -103,9 +103,10 @@ def posterior_call(name, seed=0, states=3, samples=8, obs_dim=5, act_dim=2):
     qf, args = m.TwinQ(obs_dim, act_dim), m.Args()
     obs, y_t, t = torch.randn(states, obs_dim), torch.randn(states, act_dim), torch.rand(states, 1) * 0.8 + 0.1
     if name == "rfm_flow":
-        return m.posterior_mean, (qf.min_q, obs, y_t, t, samples, args.temperature, "stein")
+        return m.posterior_mean, (qf.min_q, obs, y_t, t, samples, args.temperature, "stein", args.cv_ridge, args.cv_clip)
     alpha, sigma = t.sqrt(), (1 - t).sqrt()  # a point of a variance-preserving schedule
-    return m.posterior_noise, (qf.min_q, obs, y_t, alpha, sigma, samples, args.temperature, "stein")
+    return m.posterior_noise, (qf.min_q, obs, y_t, alpha, sigma, samples, args.temperature, "stein", args.cv_ridge,
+                               args.cv_clip)
 
 
 @pytest.mark.parametrize("name", ["rfm_flow", pytest.param("rfm_diffusion", marks=pytest.mark.slow)])

@@ -4,8 +4,8 @@ sampler, the per-env table, end-to-end runs, time-limit handling, bad input and 
 import copy
 import math
 import re
+from types import SimpleNamespace
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -13,24 +13,11 @@ import torch.nn.functional as F
 
 import dipo_baseline as dipo
 from tests.conftest import BANDIT, assert_one_line_error, read_scalars, run_script, single_run_dir
-from tests.toy_envs import ContextBandit
 
 SCRIPT = "dipo_baseline.py"
 # updates really happen (200 of them), with a short chain and ascent so the runs stay fast
 FAST = ["--total-timesteps", 300, "--learning-starts", 100, "--batch-size", 32, "--diffusion-steps", 5,
         "--action-gradient-steps", 3, "--eval-every", 200, "--eval-episodes", 2]  # fmt: skip
-
-
-class TruncatedBandit(ContextBandit):
-    """ContextBandit whose one-step episodes end by time limit (truncated) instead of termination."""
-
-    def step(self, action):
-        obs, reward, _, _, info = super().step(action)
-        return obs, reward, False, True, info
-
-
-# registered on import, so the script can make it as `tests.test_dipo_baseline:TruncatedBandit-v0`
-gym.register("TruncatedBandit-v0", entry_point=TruncatedBandit)
 
 
 class QuadraticCritic(torch.nn.Module):
@@ -136,6 +123,11 @@ def small_agent(obs_dim=5, act_dim=2, **overrides):
     )  # fmt: skip
 
 
+def as_agent(agent):
+    """small_agent's networks and optimizers as the bundle update() takes."""
+    return SimpleNamespace(**{k: v for k, v in agent.items() if k != "args"})
+
+
 def filled_memory(n=200, obs_dim=5, act_dim=2):
     memory = dipo.DiffusionMemory(n, obs_dim, act_dim, torch.device("cpu"))
     rng = np.random.default_rng(0)
@@ -152,9 +144,9 @@ def stored(memory, obs_dim=5, act_dim=2):
 def replay_batch(n=16, obs_dim=5, act_dim=2):
     """(s, a, r, s', done) with about half the rows terminal."""
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(n, obs_dim, generator=g), torch.rand(n, act_dim, generator=g) * 2 - 1,
-            torch.rand(n, 1, generator=g), torch.randn(n, obs_dim, generator=g),
-            (torch.rand(n, 1, generator=g) < 0.5).float())  # fmt: skip
+    return dipo.Batch(torch.randn(n, obs_dim, generator=g), torch.rand(n, act_dim, generator=g) * 2 - 1,
+                      torch.rand(n, generator=g), torch.randn(n, obs_dim, generator=g),
+                      (torch.rand(n, generator=g) < 0.5).float())  # fmt: skip
 
 
 def spy_on_update(monkeypatch, memory):
@@ -193,7 +185,7 @@ def test_default_does_not_write_back(monkeypatch):
     before = stored(memory)[1].clone()
     calls = spy_on_update(monkeypatch, memory)
     for n in range(2):
-        dipo.update(replay_batch(), memory, num_updates=n, **agent)
+        dipo.update(as_agent(agent), replay_batch(), memory, n, agent["args"])
     first, second = calls
     assert not torch.equal(first["improved"], first["actions"])  # the ascent moved them: a write-back would show
     assert torch.equal(stored(memory)[1], before)
@@ -208,7 +200,7 @@ def test_write_back_flag_stores_improved_actions_at_the_sampled_indices(monkeypa
     agent, memory = small_agent(write_back=True), filled_memory(n=20)
     before = stored(memory)[1].clone()
     calls = spy_on_update(monkeypatch, memory)
-    logs = dipo.update(replay_batch(), memory, num_updates=0, **agent)
+    logs = dipo.update(as_agent(agent), replay_batch(), memory, 0, agent["args"])
     (first,) = calls
     idx = first["idx"]
     assert len(idx) == 16 and not torch.equal(first["improved"], first["actions"])
@@ -222,7 +214,7 @@ def test_write_back_flag_stores_improved_actions_at_the_sampled_indices(monkeypa
     assert all(torch.isfinite(v) for v in logs.values())
 
     after_first = stored(memory)[1].clone()
-    dipo.update(replay_batch(), memory, num_updates=1, **agent)
+    dipo.update(as_agent(agent), replay_batch(), memory, 1, agent["args"])
     second = calls[1]
     shared = torch.isin(second["idx"], idx)
     assert shared.any()
@@ -244,7 +236,7 @@ def test_critic_target_is_hand_computed():
     obs, actions, rewards, next_obs, dones = batch = replay_batch()
     assert 0 < dones.sum() < len(dones)
     torch.manual_seed(7)
-    logs = dipo.update(batch, memory, num_updates=0, **agent)
+    logs = dipo.update(as_agent(agent), batch, memory, 0, agent["args"])
 
     def critic_loss(actor, critic, gamma):
         torch.manual_seed(7)
@@ -270,7 +262,7 @@ def test_ascent_and_cloning_wiring(monkeypatch):
     args, qf_pre = agent["args"], copy.deepcopy(agent["qf"])
     calls = spy_on_update(monkeypatch, memory)
     batch = replay_batch()
-    dipo.update(batch, memory, num_updates=0, **agent)
+    dipo.update(as_agent(agent), batch, memory, 0, agent["args"])
     (call,) = calls
     ascent, bc = call["ascent"], call["bc"]
     assert ascent["qf"] is agent["qf"]
@@ -310,7 +302,7 @@ def test_actor_target_period(period):
     agent, memory = small_agent(update_actor_target_every=period), filled_memory()
     for n in range(3):
         actor_t, qf_t = copy.deepcopy(agent["actor_target"]), copy.deepcopy(agent["qf_target"])
-        dipo.update(replay_batch(), memory, num_updates=n, **agent)
+        dipo.update(as_agent(agent), replay_batch(), memory, n, agent["args"])
         moved = lambda old, new: any(not torch.equal(p, q) for p, q in zip(old.parameters(), new.parameters()))  # noqa
         assert moved(qf_t, agent["qf_target"])
         assert moved(actor_t, agent["actor_target"]) == (n % period == 0)
@@ -475,7 +467,7 @@ def hyperparameters(run_dir):
 
 
 @pytest.mark.parametrize("env_id", ["Hopper-v5", "dm_control/cartpole-swingup-v0"])
-def test_end_to_end(run, env_id):
+def test_end_to_end_env(run, env_id):
     write_back = ["--write-back"] if env_id == "Hopper-v5" else []  # the paper's variant runs too
     proc, run_dir = run(SCRIPT, "--env-id", env_id, *FAST, "--action-grad-ratio", 0.2, "--save-model", *write_back)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -500,7 +492,7 @@ def test_timeout_as_terminal(run, tmp_path_factory):
     """One-step episodes that end by truncation: by default the target bootstraps through them, so Q climbs past the
     largest reward (1) towards r / (1 - gamma); --timeout-as-terminal stops the bootstrap, so Q stays a reward
     estimate. A fast target (tau 0.2) makes the difference show within 200 updates."""
-    env = "tests.test_dipo_baseline:TruncatedBandit-v0"
+    env = "tests.toy_envs:TruncatedBandit-v0"
     common = ["--env-id", env, "--total-timesteps", 300, "--learning-starts", 100, "--batch-size", 32, "--diffusion-steps", 3,
               "--action-gradient-steps", 1, "--q-lr", 3e-3, "--tau", 0.2, "--eval-episodes", 2]  # fmt: skip
     proc, run_dir = run(SCRIPT, *common, "--timeout-as-terminal")
@@ -526,7 +518,7 @@ BAD_HYPERPARAMETERS = {"--diffusion-steps": 0, "--action-lr": 0, "--action-grad-
         [x for kv in BAD_HYPERPARAMETERS.items() for x in kv],  # one run; every problem is named on the one line
     ],
 )
-def test_bad_input(run, flags):
+def test_bad_input_fails_in_one_line_before_training(run, flags):
     line = assert_one_line_error(*run(SCRIPT, *flags, timeout=120))
     if flags[0] != "--env-id":
         assert all(flag in line for flag in BAD_HYPERPARAMETERS), line

@@ -128,10 +128,10 @@ def test_diffusion_estimates_are_flow_estimates_at_the_equivalent_time():
     for est in ee.ESTIMATORS:
         torch.manual_seed(3)
         a, s = x.new_full((B, 1), alpha), x.new_full((B, 1), sigma)
-        eps_hat, info_d = ee.rfm_diffusion.posterior_noise(target.q_fn, obs, x, a, s, 50, 0.02, est)
+        eps_hat, info_d = ee.rfm_diffusion.posterior_noise(target.q_fn, obs, x, a, s, 50, 0.02, est, 1e-4, 2.0)
         torch.manual_seed(3)
         t = x.new_full((B, 1), alpha / (alpha + sigma))
-        y1_hat, info_f = ee.rfm_flow.posterior_mean(target.q_fn, obs, x / (alpha + sigma), t, 50, 0.02, est)
+        y1_hat, info_f = ee.rfm_flow.posterior_mean(target.q_fn, obs, x / (alpha + sigma), t, 50, 0.02, est, 1e-4, 2.0)
         assert torch.allclose((x - sigma * eps_hat) / alpha, y1_hat, atol=1e-9, rtol=1e-9), est
         assert torch.allclose(info_d["ess"], info_f["ess"]) and torch.allclose(info_d["cv_weight"], info_f["cv_weight"])
 

@@ -46,7 +46,7 @@ OBS_DIM, ACT_DIM, BATCH = 6, 3, 64
 
 
 def t32(x):
-    return torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    return torch.tensor(np.array(x), dtype=torch.float32)
 
 
 def rfm_actor_from_flax(params):
@@ -99,9 +99,9 @@ def rfm_posterior(qf, obs, y_t, t, y0, estimator, args):
 
 
 def rfm_particles(actor, qf, obs, noise, args):
-    """Flow particles and their min-Q. Assumes sample_particles(actor, qf, obs, noise (B, N, D), temperature,
-    flow_steps, t_min) -> y (B, N, D), q (B, N)."""
-    return rf.sample_particles(actor, qf, obs, noise, args.temperature, args.flow_steps, args.t_min)
+    """Flow particles and their min-Q. Assumes sample_particles(actor, qf, obs, noise (B, N, D), args) -> y (B, N, D),
+    q (B, N)."""
+    return rf.sample_particles(actor, qf, obs, noise, args)
 
 
 def rfm_eval_action(actor, qf, obs, noise, args):
@@ -112,10 +112,11 @@ def rfm_eval_action(actor, qf, obs, noise, args):
 
 
 def rfm_update(batch, actor, qf, qf_target, actor_opt, q_opt, args, y1, next_y):
-    """One rf.update with the resampled particles fixed: y1 at s and next_y at s' (both (B, D)). Assumes update(batch
-    as (obs, actions, rewards, next_obs, dones), actor, qf, qf_target, actor_optimizer, q_optimizer, args, sample=...)
-    calls `sample` once on [obs; next_obs] and Boltzmann-picks from its (y, q): particle 0 gets a Q so far above the
-    others that it is picked. Returns update's diagnostics and what posterior_mean was called with and returned."""
+    """One rf.update with the resampled particles fixed: y1 at s and next_y at s' (both (B, D)). Assumes update(Batch
+    (obs, actions, rewards (B,), next_obs, dones (B,)), actor, qf, qf_target, actor_optimizer, q_optimizer, args,
+    sample=..., posterior=...) calls `sample` once on [obs; next_obs] and Boltzmann-picks from its (y, q): particle 0
+    gets a Q so far above the others that it is picked. Returns update's diagnostics and what the posterior estimator
+    was called with and returned."""
     seen = {}
 
     def sample(actor_, qf_, both, noise, *rest, **kw):
@@ -132,8 +133,8 @@ def rfm_update(batch, actor, qf, qf_target, actor_opt, q_opt, args, y1, next_y):
         seen.update(bound.arguments, y1_hat=out[0])
         return out
 
-    with replaced(rf, "posterior_mean", recording):
-        info = rf.update(batch, actor, qf, qf_target, actor_opt, q_opt, args, sample=sample)
+    batch = rf.Batch(batch[0], batch[1], batch[2].flatten(), batch[3], batch[4].flatten())
+    info = rf.update(batch, actor, qf, qf_target, actor_opt, q_opt, args, sample=sample, posterior=recording)
     return info, seen
 
 
@@ -659,11 +660,13 @@ def test_dipo_action_ascent_and_write_back(dipo_official):
         dargs = SimpleNamespace(gamma=0.99, max_grad_norm=2.0, batch_size=BATCH, action_grad_ratio=0.1,
                                 action_gradient_steps=2, action_lr=0.03, write_back=write_back, tau=0.005,
                                 update_actor_target_every=1)  # fmt: skip
-        batch = tuple(t32(x) for x in [memory.states[:BATCH], stored[:BATCH], np.zeros((BATCH, 1)),
-                                       memory.states[:BATCH], np.zeros((BATCH, 1))])  # fmt: skip
+        batch = dp.Batch(*(t32(x) for x in [memory.states[:BATCH], stored[:BATCH], np.zeros(BATCH),
+                                            memory.states[:BATCH], np.zeros(BATCH)]))  # fmt: skip
+        agent = SimpleNamespace(actor=actor, actor_target=dp.Denoiser(OBS_DIM, ACT_DIM, 5), qf=qf,
+                                qf_target=dp.TwinQ(OBS_DIM, ACT_DIM), actor_optimizer=torch.optim.Adam(actor.parameters()),
+                                q_optimizer=torch.optim.Adam(qf.parameters()))  # fmt: skip
         before = mem.data.clone()
-        dp.update(batch, mem, actor, dp.Denoiser(OBS_DIM, ACT_DIM, 5), qf, dp.TwinQ(OBS_DIM, ACT_DIM),
-                  torch.optim.Adam(actor.parameters()), torch.optim.Adam(qf.parameters()), 0, dargs)  # fmt: skip
+        dp.update(agent, batch, mem, 0, dargs)
         assert torch.equal(mem.data, before) != write_back
 
 
@@ -684,9 +687,9 @@ def test_run_official_converts_metrics_for_plot(tmp_path):
     proc = run_script("benchmark/official/run_official.py", ["--convert-only", off, "--runs-dir", tmp_path / "runs"],
                       tmp_path, RFM_OFFICIAL="")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    groups = plot.load_runs(tmp_path / "runs", "eval/episodic_return")
-    assert list(groups) == [("dm_control_finger-spin-v0", "rfm_official-jax")]
-    steps, values = groups["dm_control_finger-spin-v0", "rfm_official-jax"][2]
+    (group,) = plot.load_runs(tmp_path / "runs", "eval/episodic_return")
+    assert (group.env, group.label, list(group.curves)) == ("dm_control/finger-spin-v0", "rfm_official-jax", [2])
+    steps, values = group.curves[2]
     assert steps.tolist() == list(returns) and np.allclose(values, list(returns.values()))
     (run_dir,) = (tmp_path / "runs").iterdir()
     config = json.loads((run_dir / "config.json").read_text())

@@ -13,35 +13,18 @@
 import copy
 import math
 import re
+from types import SimpleNamespace
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import qvpo_baseline as qv
-from tests.conftest import BANDIT, assert_one_line_error, read_scalars, run_script, single_run_dir
+from tests.conftest import BANDIT, assert_one_line_error, check_ok, run_script, single_run_dir
 
 
-class OneStepTimeout(gym.Env):
-    """Constant state, reward 1, every step *truncated* (never terminated): Q = 1 if timeouts are terminal, else
-    1 / (1 - gamma). Registered on import as `tests.test_qvpo_baseline:OneStepTimeout-v0` (a helper of this file only)."""
-
-    def __init__(self):
-        self.observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
-        self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
-
-    def reset(self, seed=None, options=None):
-        super().reset(seed=seed)
-        return np.zeros(1, np.float32), {}
-
-    def step(self, action):
-        return np.zeros(1, np.float32), 1.0, False, True, {}
-
-
-gym.register("OneStepTimeout-v0", entry_point=OneStepTimeout)
-TIMEOUT_ENV = "tests.test_qvpo_baseline:OneStepTimeout-v0"
+TIMEOUT_ENV = "tests.toy_envs:OneStepTimeout-v0"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,13 +361,19 @@ def small_args(**kw):
     return qv.Args(diffusion_steps=3, num_action_samples=8, num_entropy_samples=2, target_samples=4, **kw)
 
 
+def as_agent(actor, actor_target, qf, qf_target, actor_optimizer, q_optimizer):
+    """The bundle update() takes, as the script's main builds it."""
+    return SimpleNamespace(actor=actor, actor_target=actor_target, qf=qf, qf_target=qf_target,
+                           actor_optimizer=actor_optimizer, q_optimizer=q_optimizer)  # fmt: skip
+
+
 def test_update_order_weights_and_polyak():
     """Critic first; the weights use the just-updated critic on the policy batch; both targets move by tau."""
     obs_dim, act_dim, B = 3, 2, 16
     actor, actor_target, qf, qf_target, a_opt, q_opt = make_agent(obs_dim, act_dim)
     args = small_args(tau=0.1)
-    batch = (torch.randn(B, obs_dim), torch.rand(B, act_dim) * 2 - 1, torch.rand(B, 1), torch.randn(B, obs_dim),
-             torch.zeros(B, 1))  # fmt: skip
+    batch = qv.Batch(torch.randn(B, obs_dim), torch.rand(B, act_dim) * 2 - 1, torch.rand(B), torch.randn(B, obs_dim),
+                      torch.zeros(B))  # fmt: skip
     policy_obs = torch.randn(B, obs_dim)
     before = {n: [p.detach().clone() for p in m.parameters()] for n, m in
               [("actor", actor), ("actor_target", actor_target), ("qf", qf), ("qf_target", qf_target)]}  # fmt: skip
@@ -393,7 +382,7 @@ def test_update_order_weights_and_polyak():
     # after the update (only its own Adam step changed it; Polyak moves the targets) and with the pre-step critic
     actor2, actor_target2, qf2, qf_target2, _, _ = make_agent(obs_dim, act_dim)
     rng = torch.get_rng_state()
-    logs = qv.update(batch, policy_obs, actor, actor_target, qf, qf_target, a_opt, q_opt, 0.02, args)
+    logs = qv.update(as_agent(actor, actor_target, qf, qf_target, a_opt, q_opt), batch, policy_obs, 0.02, args)
     torch.set_rng_state(rng)
     qv.best_of_k(actor_target2, qf_target2, batch[3], args.target_samples)  # the critic target's draws
     rng_policy = torch.get_rng_state()
@@ -421,12 +410,12 @@ def test_update_actor_loss_rows(entropy_alpha):
     obs_dim, act_dim, B = 3, 2, 16
     actor, actor_target, qf, qf_target, a_opt, q_opt = make_agent(obs_dim, act_dim)
     args = small_args()
-    batch = (torch.randn(B, obs_dim), torch.rand(B, act_dim) * 2 - 1, torch.rand(B, 1) + 1, torch.randn(B, obs_dim),
-             torch.zeros(B, 1))  # fmt: skip
+    batch = qv.Batch(torch.randn(B, obs_dim), torch.rand(B, act_dim) * 2 - 1, torch.rand(B) + 1, torch.randn(B, obs_dim),
+                      torch.zeros(B))  # fmt: skip
     policy_obs = torch.randn(B, obs_dim)
     actor2, actor_target2, _, qf_target2, _, _ = make_agent(obs_dim, act_dim)
     rng = torch.get_rng_state()
-    logs = qv.update(batch, policy_obs, actor, actor_target, qf, qf_target, a_opt, q_opt, entropy_alpha, args)
+    logs = qv.update(as_agent(actor, actor_target, qf, qf_target, a_opt, q_opt), batch, policy_obs, entropy_alpha, args)
     torch.set_rng_state(rng)
     qv.best_of_k(actor_target2, qf_target2, batch[3], args.target_samples)  # the critic target's draws
     best, q = qv.best_of_k(actor2, qf, policy_obs, args.num_action_samples)  # qf: the just-updated critic
@@ -447,12 +436,12 @@ def test_critic_target_uses_best_of_k_target_actor():
     obs_dim, act_dim, B = 3, 2, 8
     actor, actor_target, qf, qf_target, a_opt, q_opt = make_agent(obs_dim, act_dim)
     args = small_args(gamma=0.9)
-    batch = (torch.randn(B, obs_dim), torch.rand(B, act_dim) * 2 - 1, torch.rand(B, 1), torch.randn(B, obs_dim),
-             (torch.rand(B, 1) < 0.5).float())  # fmt: skip
+    batch = qv.Batch(torch.randn(B, obs_dim), torch.rand(B, act_dim) * 2 - 1, torch.rand(B), torch.randn(B, obs_dim),
+                      (torch.rand(B) < 0.5).float())  # fmt: skip
     qf_pre, policy_obs = copy.deepcopy(qf), torch.randn(B, obs_dim)
     _, actor_target2, _, qf_target2, _, _ = make_agent(obs_dim, act_dim)
     rng = torch.get_rng_state()
-    logs = qv.update(batch, policy_obs, actor, actor_target, qf, qf_target, a_opt, q_opt, 0.02, args)
+    logs = qv.update(as_agent(actor, actor_target, qf, qf_target, a_opt, q_opt), batch, policy_obs, 0.02, args)
     torch.set_rng_state(rng)
     _, next_q = qv.best_of_k(actor_target2, qf_target2, batch[3], args.target_samples)
     y = batch[2].flatten() + (1 - batch[4].flatten()) * 0.9 * next_q.max(1).values
@@ -470,12 +459,6 @@ SMALL = [
     "--total-timesteps", 300, "--learning-starts", 100, "--batch-size", 32, "--diffusion-steps", 3,
     "--num-action-samples", 8, "--num-entropy-samples", 2, "--eval-samples", 4,
 ]  # fmt: skip
-
-
-def check_ok(proc, run_dir):
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert run_dir is not None
-    return read_scalars(run_dir)
 
 
 @pytest.mark.parametrize(

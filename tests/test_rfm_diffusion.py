@@ -301,7 +301,7 @@ def test_update_recomputed_by_hand():
         p.data.add_(0.1 * torch.randn_like(p))
     a_opt, q_opt = torch.optim.Adam(actor.parameters(), lr=1e-3), torch.optim.Adam(qf.parameters(), lr=args.q_lr)
     obs, next_obs = torch.randn(B, O), torch.randn(B, O)
-    batch = (obs, torch.rand(B, D) * 2 - 1, torch.rand(B, 1), next_obs, (torch.rand(B, 1) < 0.3).float())
+    batch = rd.Batch(obs, torch.rand(B, D) * 2 - 1, torch.rand(B), next_obs, (torch.rand(B) < 0.3).float())
     actor_pre, qf_pre, target_pre = (copy.deepcopy(m) for m in (actor, qf, qf_target))
     torch.manual_seed(42)
     logs = rd.update(batch, actor, qf, qf_target, a_opt, q_opt, args)
@@ -312,7 +312,7 @@ def test_update_recomputed_by_hand():
         y = rd.ddpm_sample(actor_pre, both, torch.randn(2 * B, args.num_particles, D), args.temperature)
         q = qf_pre.min_q(both.repeat_interleave(args.num_particles, 0), torch.tanh(y).reshape(-1, D))
         y1, next_y = rd.boltzmann_pick(y, q.view(2 * B, -1), args.temperature).split(B)
-        target = batch[2][:, 0] + args.gamma * (1 - batch[4][:, 0]) * target_pre.min_q(next_obs, torch.tanh(next_y))
+        target = batch.rewards + args.gamma * (1 - batch.dones) * target_pre.min_q(next_obs, torch.tanh(next_y))
         qs = qf_pre(obs, batch[1])
     for j in range(2):
         torch.testing.assert_close(logs[f"losses/qf{j + 1}_loss"], ((qs[j] - target) ** 2).mean(), rtol=1e-5, atol=1e-6)
@@ -343,7 +343,7 @@ SMALL = ["--learning-starts", 100, "--batch-size", 32, "--num-particles", 4, "--
 
 
 @pytest.mark.parametrize("env_id", ["Hopper-v5", "dm_control/cartpole-swingup-v0"])
-def test_end_to_end(run, env_id):
+def test_end_to_end_env(run, env_id):
     proc, run_dir = run(SCRIPT, "--env-id", env_id, "--total-timesteps", 300, *SMALL, "--eval-every", 150,
                         "--eval-episodes", 2, "--save-model")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -386,5 +386,5 @@ def test_estimator_flags_on_bandit(run, estimator):
      ["--env-id", BANDIT, "--diffusion-steps", 0], ["--env-id", BANDIT, "--temperature", 0],
      ["--env-id", BANDIT, "--num-posterior-samples", 0], ["--env-id", BANDIT, "--x0-clip", 0]],
 )  # fmt: skip
-def test_bad_input_fails_with_one_line(run, args):
+def test_bad_input_fails_in_one_line_before_training(run, args):
     assert_one_line_error(*run(SCRIPT, *args, timeout=120))

@@ -56,6 +56,39 @@ class TwoModeBandit(gym.Env):
         return np.zeros(1, np.float32), 1.0 - 4.0 * min((a - 0.5) ** 2, (a + 0.5) ** 2), True, False, {}
 
 
+class NoisyContextBandit(ContextBandit):
+    """ContextBandit whose step draws from the env's np_random (reward noise N(0, 0.1^2)): a run resumed from a
+    checkpoint continues on the same random stream only if the env's state after that draw was saved."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, reward + 0.1 * float(self.np_random.normal()), terminated, truncated, info
+
+
+class TruncatedBandit(ContextBandit):
+    """ContextBandit whose one-step episodes end by time limit (truncated) instead of termination."""
+
+    def step(self, action):
+        obs, reward, _, _, info = super().step(action)
+        return obs, reward, False, True, info
+
+
+class OneStepTimeout(gym.Env):
+    """Constant state, reward 1, every step *truncated* (never terminated): Q = 1 if timeouts are terminal, else
+    1 / (1 - gamma)."""
+
+    def __init__(self):
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(1, np.float32), 1.0, False, True, {}
+
+
 class Unbounded(ContextBandit):
     """Same, with an infinite action box: scripts must refuse it."""
 
@@ -65,5 +98,8 @@ class Unbounded(ContextBandit):
 
 
 gym.register("ContextBandit-v0", entry_point=ContextBandit)
+gym.register("NoisyContextBandit-v0", entry_point=NoisyContextBandit)
 gym.register("TwoModeBandit-v0", entry_point=TwoModeBandit)
+gym.register("TruncatedBandit-v0", entry_point=TruncatedBandit)
+gym.register("OneStepTimeout-v0", entry_point=OneStepTimeout)
 gym.register("Unbounded-v0", entry_point=Unbounded)
