@@ -284,8 +284,8 @@ def soft_update(target, online, tau):
 
 def update(batch, actor, qf, qf_target, actor_optimizer, q_optimizer, args, sample=sample_particles,
            posterior=posterior_mean):
-    """One RFM update (docs/rfm.md §7.2, the pseudocode at the top of this file); `sample` and `posterior` are
-    sample_particles and posterior_mean or their compiled versions. Returns device tensors of diagnostics (no host syncs)."""
+    """One RFM update (docs/rfm.md §7.2, the pseudocode at the top of this file). `sample` and `posterior` are
+    sample_particles and posterior_mean or their compiled versions; returns diagnostics as device tensors (no sync)."""
     B, D = batch.actions.shape
     # on-policy y1 at s and next actions a' at s', Boltzmann-resampled with the pre-update critic, one sampler call
     with torch.no_grad():
