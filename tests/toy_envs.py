@@ -36,12 +36,8 @@ class ContextBandit(gym.Env):
         return frame
 
 
-class TwoModeBandit(gym.Env):
-    """One-step episodes, constant observation 0, one action in [-1, 1]; reward 1 - 4 min((a - 0.5)^2, (a + 0.5)^2).
-
-    Two equal optima at a = -0.5 and a = 0.5 (return 1) separated by a = 0 (return 0): a Boltzmann policy puts half
-    its mass near each, a policy that collapsed onto one optimum scores as well but covers one mode only.
-    """
+class ConstantStateEnv(gym.Env):
+    """Observation always 0, one action in [-1, 1]; subclasses define step."""
 
     def __init__(self):
         self.observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
@@ -50,6 +46,14 @@ class TwoModeBandit(gym.Env):
     def reset(self, seed=None, options=None):
         super().reset(seed=seed)
         return np.zeros(1, np.float32), {}
+
+
+class TwoModeBandit(ConstantStateEnv):
+    """One-step episodes, constant observation 0, one action in [-1, 1]; reward 1 - 4 min((a - 0.5)^2, (a + 0.5)^2).
+
+    Two equal optima at a = -0.5 and a = 0.5 (return 1) separated by a = 0 (return 0): a Boltzmann policy puts half
+    its mass near each, a policy that collapsed onto one optimum scores as well but covers one mode only.
+    """
 
     def step(self, action):
         a = float(np.asarray(action).reshape(-1)[0])
@@ -73,17 +77,9 @@ class TruncatedBandit(ContextBandit):
         return obs, reward, False, True, info
 
 
-class OneStepTimeout(gym.Env):
+class OneStepTimeout(ConstantStateEnv):
     """Constant state, reward 1, every step *truncated* (never terminated): Q = 1 if timeouts are terminal, else
     1 / (1 - gamma)."""
-
-    def __init__(self):
-        self.observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
-        self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
-
-    def reset(self, seed=None, options=None):
-        super().reset(seed=seed)
-        return np.zeros(1, np.float32), {}
 
     def step(self, action):
         return np.zeros(1, np.float32), 1.0, False, True, {}
