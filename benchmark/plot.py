@@ -95,7 +95,8 @@ def load_runs(runs_dir, tag):
         key = (env, fields[1], identity(config) if config else None)
         if key not in found:
             args = {k: v for k, v in config["args"].items() if k != "seed"} if config else None
-            found[key] = Group(env, fields[1], args, config and config.get("script"), {}, set(), {})
+            script = config and config.get("launcher", config.get("script"))  # official runs: the launcher's flags
+            found[key] = Group(env, fields[1], args, script, {}, set(), {})
         group = found[key]
         if seed in group.curves:
             print(f"note: two runs of {env} {fields[1]} seed {seed} with the same configuration; keeping the longer")
@@ -145,7 +146,7 @@ def changed_flags(group):
     defaults = script_defaults(group.script)
     if group.config is None or defaults is None:
         return "?"
-    skip = {"env_id", "resume", "exp_name"}
+    skip = {"env_id", "resume", "exp_name", "checkout", "python", "runs_dir", "log_dir", "convert_only"}  # locations
     flags = [f"--{k.replace('_', '-')} {v}" for k, v in group.config.items() if k not in skip and defaults.get(k) != v]
     return " ".join(flags) or "(defaults)"
 

@@ -676,25 +676,28 @@ def test_dipo_action_ascent_and_write_back(dipo_official):
 
 
 def test_run_official_converts_metrics_for_plot(tmp_path):
-    """An official run folder (metrics.jsonl, config.yaml) becomes a run folder that plot.py groups as
-    rfm_official-jax on the official run's env and seed, with the returns at the official steps and a config.json."""
-    off = tmp_path / "official_run"
-    off.mkdir()
+    """Official run folders (metrics.jsonl, config.yaml) become run folders that plot.py groups as one configuration
+    of rfm_official-jax on the official runs' env, with the returns at the official steps and a config.json; runs
+    that differ only in where things are (here the log folder) are the same configuration."""
     returns = {0: 61.5, 1000: 120.25, 2000: 240.75}
-    lines = [json.dumps({"step": k, "episode_length": 1000.0, "episode_reward": v}) + "\n" for k, v in returns.items()]
-    off.joinpath("metrics.jsonl").write_text("".join(lines))
-    off.joinpath("config.yaml").write_text("seed: 2\nalgo: rfm\nenv:\n  name: finger-spin\n")
-    proc = run_script("benchmark/official/run_official.py", ["--convert-only", off, "--runs-dir", tmp_path / "runs"],
-                      tmp_path, RFM_OFFICIAL="")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    for seed in (2, 3):
+        off = tmp_path / f"official_run_{seed}"
+        off.mkdir()
+        lines = [json.dumps({"step": k, "episode_length": 1000.0, "episode_reward": v + seed}) + "\n"
+                 for k, v in returns.items()]  # fmt: skip
+        off.joinpath("metrics.jsonl").write_text("".join(lines))
+        off.joinpath("config.yaml").write_text(f"seed: {seed}\nalgo: rfm\nenv:\n  name: finger-spin\n")
+        flags = ["--convert-only", off, "--runs-dir", tmp_path / "runs", "--log-dir", tmp_path / f"logs{seed}"]
+        proc = run_script("benchmark/official/run_official.py", flags, tmp_path, RFM_OFFICIAL="")
+        assert proc.returncode == 0, proc.stderr[-2000:]
     (group,) = plot.load_runs(tmp_path / "runs", "eval/episodic_return")
-    assert (group.env, group.label, list(group.curves)) == ("dm_control/finger-spin-v0", "rfm_official-jax", [2])
+    assert (group.env, group.label, sorted(group.curves)) == ("dm_control/finger-spin-v0", "rfm_official-jax", [2, 3])
     steps, values = group.curves[2]
-    assert steps.tolist() == list(returns) and np.allclose(values, list(returns.values()))
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    config = json.loads((run_dir / "config.json").read_text())
-    assert set(config) == {"script", "args", "resumable", "commit", "dirty"}
-    assert config["args"]["overrides"]["env.name"] == "finger-spin" and config["args"]["seed"] == 2
+    assert steps.tolist() == list(returns) and np.allclose(values, [v + 2 for v in returns.values()])
+    assert "--log-dir" not in plot.changed_flags(group) and "--runs-dir" not in plot.changed_flags(group)
+    config = json.loads(next((tmp_path / "runs").glob("*__2__*/config.json")).read_text())
+    assert set(config) == {"script", "launcher", "args", "official", "resumable", "commit", "dirty"}
+    assert config["official"]["overrides"]["env.name"] == "finger-spin" and config["args"]["seed"] == 2
 
 
 @pytest.mark.parametrize("flags", [["--env-id", "Hopper-v5", "--checkout", "."], ["--checkout", "/nonexistent"]])

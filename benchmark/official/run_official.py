@@ -47,6 +47,10 @@ class Args:
     dry_run: bool = False  # print the official command and exit
 
 
+# where the code and the files are, not what is computed: runs that differ only here are one configuration
+LOCATIONS = {"checkout", "python", "runs_dir", "log_dir", "convert_only"}
+
+
 def overrides(args):
     """The official `--override key=value` list matched to our flags. The rest of the two configurations already agree
     at their defaults with configs/rfm.yaml (grad-norm clip 10 for actor and critic), which is passed as --config:
@@ -130,10 +134,11 @@ def convert(args, over, official_dir, wall):
     writer.close()
     config = {
         "script": "ReverseFlowMatching/main.py",
-        "args": {**{k: v for k, v in asdict(args).items() if k not in ("dry_run",)}, "overrides": over,
-                 "official_run_dir": str(Path(official_dir).resolve()), "wall_time_s": round(wall, 1),
-                 "official_config": official_config},
-        "resumable": [],
+        "launcher": "benchmark/official/run_official.py",  # args are its flags
+        "args": {k: v for k, v in asdict(args).items() if k != "dry_run"},
+        "official": {"overrides": over, "run_dir": str(Path(official_dir).resolve()), "wall_time_s": round(wall, 1),
+                     "config": official_config},
+        "resumable": sorted(LOCATIONS),
         "commit": git(args.checkout, "rev-parse", "HEAD") if args.checkout else None,
         "dirty": None if not args.checkout or git(args.checkout, "rev-parse", "HEAD") is None
         else bool(git(args.checkout, "status", "--porcelain", "--untracked-files=no")),
