@@ -179,8 +179,9 @@ def cosine_schedule(steps, s=0.008):
 class NoiseNet(nn.Module):
     """eps(x_i, i, s, T): [s, x_i, emb(i), emb(T)] -> 256 -> 2 residual GELU blocks -> D (docs/rfm.md §8, §11).
 
-    The first layer W [s, y, emb(t), emb(T)] + b is computed as a sum of its four input blocks, so that the sampler
-    computes the state and temperature term once per state and the time term once per step, not per particle.
+    `forward` is that network; the sampler computes the same first layer W [s, y, emb(t), emb(T)] + b as a sum of its
+    four input blocks (`state_term`, `time_term`, W_y y), the state and temperature term once per state and the time
+    term once per step, not per particle: an exact saving, equal up to float rounding.
     Time is the step index i itself (float 0..T_d-1, as in DDPM); the schedule is precomputed in buffers.
     """
 
@@ -196,6 +197,18 @@ class NoiseNet(nn.Module):
         for name, value in cosine_schedule(diffusion_steps).items():
             self.register_buffer(name, value.float(), persistent=False)
 
+    def forward(self, obs, y, t, temperature):
+        """(B, obs_dim), (B, D), (B, 1) -> (B, D)"""
+        temperature_emb = sinusoidal_embedding(torch.full_like(t[:, 0], temperature), self.emb_dim)
+        x = torch.cat([obs, y, sinusoidal_embedding(t[:, 0], self.emb_dim), temperature_emb], -1)
+        return self.after_first_layer(self.inp(x))
+
+    def after_first_layer(self, h):
+        h = F.gelu(h, approximate="tanh")  # Flax's default GELU
+        for block in self.blocks:
+            h = h + F.gelu(block(h), approximate="tanh")
+        return self.out(h)
+
     def input_weights(self):
         """The first layer's weight split by input: W_s, W_y, W_t, W_T."""
         return self.inp.weight.split([self.obs_dim, self.act_dim, self.emb_dim, self.emb_dim], dim=1)
@@ -210,17 +223,6 @@ class NoiseNet(nn.Module):
         """W_t emb(t)."""
         return F.linear(sinusoidal_embedding(t, self.emb_dim), self.input_weights()[2])
 
-    def from_first_layer(self, y, other_terms):
-        """The network given the first layer's other terms (state, temperature, time; broadcast over particles)."""
-        h = F.gelu(F.linear(y, self.input_weights()[1]) + other_terms, approximate="tanh")  # Flax's default GELU
-        for block in self.blocks:
-            h = h + F.gelu(block(h), approximate="tanh")
-        return self.out(h)
-
-    def forward(self, obs, y, t, temperature):
-        """(B, obs_dim), (B, D), (B, 1) -> (B, D)"""
-        return self.from_first_layer(y, self.state_term(obs, temperature) + self.time_term(t[:, 0]))
-
 
 def ddpm_sample(actor, obs, y, temperature, z=None):
     """Ancestral DDPM from x_{T_d-1} = y ~ N(0, I) down to the latent y1 (docs/rfm.md §11). obs (B, obs), y (B, N, D).
@@ -230,10 +232,11 @@ def ddpm_sample(actor, obs, y, temperature, z=None):
     the result is the last clamped x0_hat, so every latent lies within +-x0_clip.
     """
     steps = actor.alpha.shape[0]
+    w_y = actor.input_weights()[1]
     state_term = actor.state_term(obs, temperature)[:, None]  # (B, 1, H), shared by the N particles
     time_terms = actor.time_term(torch.arange(steps, device=y.device, dtype=y.dtype))  # (steps, H)
     for i in reversed(range(steps)):
-        eps = actor.from_first_layer(y, state_term + time_terms[i])
+        eps = actor.after_first_layer(F.linear(y, w_y) + (state_term + time_terms[i]))
         x0_hat = ((y - actor.sigma[i] * eps) / actor.alpha[i]).clamp(-actor.x0_clip, actor.x0_clip)
         y = actor.c1[i] * x0_hat + actor.c2[i] * y
         if i > 0:

@@ -173,8 +173,9 @@ def sinusoidal_embedding(x, dim=128, max_period=1000.0):
 class VelocityField(nn.Module):
     """v(t, y, s, T): [s, y, emb(t), emb(T)] -> 256 -> 2 residual GELU blocks -> D (docs/rfm.md §8).
 
-    The first layer W [s, y, emb(t), emb(T)] + b is computed as a sum of its four input blocks, so that the sampler
-    computes the state and temperature term once per state and the time term once per step, not per particle.
+    `forward` is that network; the sampler computes the same first layer W [s, y, emb(t), emb(T)] + b as a sum of its
+    four input blocks (`state_term`, `time_term`, W_y y), the state and temperature term once per state and the time
+    term once per step, not per particle: an exact saving, equal up to float rounding.
     """
 
     def __init__(self, obs_dim, act_dim, hidden=256, emb_dim=128):
@@ -186,6 +187,18 @@ class VelocityField(nn.Module):
         for layer in [self.inp, *self.blocks, self.out]:
             nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
             nn.init.zeros_(layer.bias)
+
+    def forward(self, obs, y, t, temperature):
+        """(B, obs_dim), (B, D), (B, 1) -> (B, D)"""
+        temperature_emb = sinusoidal_embedding(torch.full_like(t[:, 0], temperature), self.emb_dim)
+        x = torch.cat([obs, y, sinusoidal_embedding(t[:, 0], self.emb_dim), temperature_emb], -1)
+        return self.after_first_layer(self.inp(x))
+
+    def after_first_layer(self, h):
+        h = F.gelu(h, approximate="tanh")  # Flax's default GELU
+        for block in self.blocks:
+            h = h + F.gelu(block(h), approximate="tanh")
+        return self.out(h)
 
     def input_weights(self):
         """The first layer's weight split by input: W_s, W_y, W_t, W_T."""
@@ -201,25 +214,15 @@ class VelocityField(nn.Module):
         """W_t emb(t)."""
         return F.linear(sinusoidal_embedding(t, self.emb_dim), self.input_weights()[2])
 
-    def from_first_layer(self, y, other_terms):
-        """The network given the first layer's other terms (state, temperature, time; broadcast over particles)."""
-        h = F.gelu(F.linear(y, self.input_weights()[1]) + other_terms, approximate="tanh")  # Flax's default GELU
-        for block in self.blocks:
-            h = h + F.gelu(block(h), approximate="tanh")
-        return self.out(h)
-
-    def forward(self, obs, y, t, temperature):
-        """(B, obs_dim), (B, D), (B, 1) -> (B, D)"""
-        return self.from_first_layer(y, self.state_term(obs, temperature) + self.time_term(t[:, 0]))
-
 
 def integrate_flow(actor, obs, y, temperature, flow_steps, t_min):
     """Euler ODE from t_min to 1 - t_min: y <- y + dt v(t_j, y, s, T) (docs/rfm.md §7.1). obs (B, obs), y (B, N, D)."""
     dt = (1.0 - 2.0 * t_min) / flow_steps
+    w_y = actor.input_weights()[1]
     state_term = actor.state_term(obs, temperature)[:, None]  # (B, 1, H), shared by the N particles
     time_terms = actor.time_term(t_min + dt * torch.arange(flow_steps, device=y.device, dtype=y.dtype))  # (steps, H)
     for j in range(flow_steps):
-        y = y + dt * actor.from_first_layer(y, state_term + time_terms[j])
+        y = y + dt * actor.after_first_layer(F.linear(y, w_y) + (state_term + time_terms[j]))
     return y
 
 

@@ -79,7 +79,7 @@ def test_sinusoidal_embedding_formula():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (F64, 1e-12)])
 def test_velocity_forward_equals_concatenation_reference(dtype, tol):
-    """The split first layer (state_term + time_term + W_y y) is the Linear of the concatenation."""
+    """forward is the network of docs/rfm.md §8: the Linear of the concatenation, then the GELU blocks."""
     actor, _ = small_nets(obs_dim=5, act_dim=3, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
     obs = torch.randn(7, 5, generator=gen, dtype=dtype)
