@@ -351,6 +351,17 @@ def compiled(fn, device):
     return torch.compile(fn, dynamic=False, options={"max_autotune": True, "fallback_random": True, **device_options})
 
 
+def in_state_chunks(sample, states):
+    """The DDPM chain run on `states` states at a time (CPU only, docs/speed.md): the same function of each state's
+    inputs, its activations small enough to stay in cache. z (T, B, N, D) is split along its states."""
+
+    def chunked(actor, obs, x, z=None):
+        zs = [None] * len(obs.split(states)) if z is None else z.split(states, dim=1)
+        return torch.cat([sample(actor, o, x_, z_) for o, x_, z_ in zip(obs.split(states), x.split(states), zs)])
+
+    return chunked
+
+
 # input checks: one `error:` line and exit 1 before training, never a silent wrong run
 def check_args(args):
     at_least = {1: ["total_timesteps", "buffer_size", "batch_size", "eval_every", "eval_episodes", "diffusion_steps",
@@ -524,6 +535,8 @@ if __name__ == "__main__":
     stateful = dict(vars(agent), rb=rb)  # all a checkpoint restores
     # the DDPM chains are most of an update and of every action; compiling fuses their elementwise work
     sample = compiled(ddpm_sample, device) if args.compile else ddpm_sample
+    if device.type == "cpu":  # CPU only: the chain 32 states at a time, in cache (docs/speed.md)
+        sample = in_state_chunks(sample, 32)
     policy_eval = lambda o: act_eval(actor, qf, o, args, sample)  # noqa: E731  (obs -> evaluation action)
 
     if args.eval_only:  # no training: the loaded weights, evaluated once at the step they were saved at

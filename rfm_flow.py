@@ -384,13 +384,19 @@ def compiled(fn, device):
     return torch.compile(fn, dynamic=False, options={"max_autotune": True, "fallback_random": True, **device_options})
 
 
-def in_state_chunks(sample, states):
-    """The sampler run on `states` states at a time (CPU only, docs/speed.md): the same function of each state's
-    inputs, its activations small enough to stay in cache."""
+def in_state_chunks(fn, states):
+    """fn (the sampler or the posterior estimator) run on `states` states at a time, CPU only (docs/speed.md). Each
+    state's outputs depend on its own inputs alone, so this is the same function, its activations small enough to stay
+    in cache: tensor arguments are split along their first (state) dimension, fresh draws are made chunk by chunk."""
 
-    def chunked(actor, qf, obs, noise, *rest):
-        parts = [sample(actor, qf, o, n, *rest) for o, n in zip(obs.split(states), noise.split(states))]
-        return tuple(torch.cat(outputs) for outputs in zip(*parts))
+    def chunked(*inputs, **options):
+        n = next(x for x in inputs if torch.is_tensor(x)).shape[0]
+        parts = [fn(*(x[i : i + states] if torch.is_tensor(x) else x for x in inputs), **options)
+                 for i in range(0, n, states)]  # fmt: skip
+        return tuple(join(outputs) for outputs in zip(*parts))
+
+    def join(xs):  # the chunks' outputs, tensors or dicts of tensors, concatenated along the states
+        return {k: torch.cat([x[k] for x in xs]) for k in xs[0]} if isinstance(xs[0], dict) else torch.cat(xs)
 
     return chunked
 
@@ -564,8 +570,8 @@ if __name__ == "__main__":
     # --compile: the particle sampler (most of an update) and the posterior estimator, its ∇Q in the same graph
     sample = compiled(sample_particles, device) if args.compile else sample_particles
     posterior = compiled(posterior_mean, device) if args.compile else posterior_mean
-    if args.compile and device.type == "cpu":  # CPU only: the sampler 32 states at a time, in cache (docs/speed.md)
-        sample = in_state_chunks(sample, 32)
+    if device.type == "cpu":  # CPU only: 32 states at a time, their activations in cache (docs/speed.md)
+        sample, posterior = in_state_chunks(sample, 32), in_state_chunks(posterior, 32)
     policy_eval = functools.partial(act_eval, actor, qf, args=args, sample=sample)  # obs -> deterministic action
 
     if args.eval_only:  # no training: the loaded weights, evaluated once at the step they were saved at

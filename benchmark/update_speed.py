@@ -60,8 +60,10 @@ def timed_interleaved(fns, warmup, repeats, device):
 
 
 def script_sampler(m, fn, compile, device):
-    """The script's sampler as its `--compile` would run it (the script's own compile set-up), or eager."""
-    return m.compiled(fn, device) if compile else fn
+    """The script's sampler (or RFM posterior) as its __main__ runs it: compiled by the script's own set-up or eager,
+    and on CPU 32 states at a time where the script has that wrapper."""
+    fn = m.compiled(fn, device) if compile else fn
+    return m.in_state_chunks(fn, 32) if device.type == "cpu" and hasattr(m, "in_state_chunks") else fn
 
 
 def setup_rfm(a, device, script, compile):
@@ -69,7 +71,7 @@ def setup_rfm(a, device, script, compile):
     script's --compile does it (the sampler and the posterior estimator)."""
     m = importlib.import_module(script)
     posterior = m.posterior_mean if script == "rfm_flow" else m.posterior_noise
-    posterior = m.compiled(posterior, device) if compile else posterior
+    posterior = script_sampler(m, posterior, compile, device)
     args = m.Args()
     if script == "rfm_flow":
         actor = m.VelocityField(a.obs_dim, a.act_dim).to(device)
@@ -82,8 +84,6 @@ def setup_rfm(a, device, script, compile):
     batch = m.Batch(*random_batch(args.batch_size, a.obs_dim, a.act_dim, device))
     batch = batch._replace(rewards=batch.rewards[:, 0], dones=batch.dones[:, 0])
     sample = script_sampler(m, m.sample_particles, compile, device)
-    if compile and device.type == "cpu" and hasattr(m, "in_state_chunks"):  # as the script's __main__ does
-        sample = m.in_state_chunks(sample, 32)
     obs1 = torch.randn(1, a.obs_dim, device=device)
 
     @torch.no_grad()
